@@ -1,0 +1,139 @@
+"""Building blocks shared by every model family, each parameter tagged with logical axes.
+
+Kernels are stored (in, out), the transpose of a PyTorch ``Linear.weight``; the HF key
+mappings beside each model do the transposition. Parameters live in ``param_dtype``
+(fp32 by default) and are cast to the compute ``dtype`` at use, which gives bf16 compute
+with fp32 master weights when ``dtype=jnp.bfloat16``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+DType = jnp.dtype | type | None
+
+default_init = nnx.initializers.normal(stddev=0.02)
+
+
+def param(
+    rngs: nnx.Rngs | None,
+    init: Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype: DType = jnp.float32,
+) -> nnx.Param:
+    """A parameter with its logical axis names; ``rngs=None`` for deterministic inits (zeros/ones)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(init(key, tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias`` with a (in, out) kernel."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str | None, str | None],
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+        kernel_init: Initializer = default_init,
+        dtype: DType = None,
+        param_dtype: DType = jnp.float32,
+    ):
+        self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
+        self.bias = param(None, nnx.initializers.zeros, (out_features,), axes[1:], param_dtype) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        y = jnp.matmul(x.astype(dtype), self.kernel[...].astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, statistics in fp32 (as PyTorch does for fp32 inputs)."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5, use_bias: bool = True, param_dtype: DType = jnp.float32):
+        self.scale = param(None, nnx.initializers.ones, (features,), ("norm",), param_dtype)
+        self.bias = param(None, nnx.initializers.zeros, (features,), ("norm",), param_dtype) if use_bias else None
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm as in Qwen/LLaMA: normalise in fp32, cast back, then scale."""
+
+    def __init__(self, features: int, *, eps: float = 1e-6, param_dtype: DType = jnp.float32):
+        self.scale = param(None, nnx.initializers.ones, (features,), ("norm",), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """A token (or position) table; ``attend`` gives tied output logits."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        rngs: nnx.Rngs,
+        axes: tuple[str | None, str | None] = ("vocab", "embed"),
+        embedding_init: Initializer = default_init,
+        param_dtype: DType = jnp.float32,
+    ):
+        self.embedding = param(rngs, embedding_init, (num_embeddings, features), axes, param_dtype)
+
+    def __call__(self, ids: jax.Array, dtype: DType = None) -> jax.Array:
+        table = self.embedding[...]
+        return jnp.take(table, ids, axis=0).astype(dtype or table.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.matmul(x, self.embedding[...].astype(x.dtype).T)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation an HF config names (``hidden_act``)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
