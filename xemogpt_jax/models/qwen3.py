@@ -1,0 +1,405 @@
+"""The Qwen3 / Qwen2 / Qwen2.5 decoder-only language model in Flax NNX.
+
+One module covers both families through the config: Qwen3 has per-head q/k RMSNorm and no
+qkv bias, Qwen2/2.5 has qkv bias and no q/k norm. The decoder layers are stacked (created
+with ``nnx.vmap``, applied with ``jax.lax.scan``) so a 36-layer model traces one layer; every
+stacked parameter gets a leading ``"layers"`` logical axis.
+
+Caching: :class:`KVCache` has a fixed number of slots. Each call writes its ``T`` tokens at
+slots ``[index, index + T)`` for every row; a per-slot validity mask makes left padding,
+right padding and ragged decode all the same case. RoPE positions default to the running
+count of valid tokens per row, which is what HF computes from ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from xemogpt_jax.models import lora as lora_lib
+from xemogpt_jax.models.layers import DType, Embed, Linear, RMSNorm, activation, default_init
+from xemogpt_jax.sharding import constrain
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    """Architecture plus run-time options (compute dtype, remat, LoRA); ``from_hf`` reads a HF config.json."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 2560
+    intermediate_size: int = 9728
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = True
+    qk_norm: bool = True
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    model_type: str = "qwen3"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    # run-time options, not part of the HF architecture
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    lora: lora_lib.LoraConfig | None = None
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> Qwen3Config:
+        """Build from a HF ``config.json`` dict (``qwen3`` or ``qwen2``); ``overrides`` set run-time options."""
+        model_type = hf.get("model_type", "qwen3")
+        if model_type not in ("qwen3", "qwen2"):
+            raise ValueError(f"unsupported model_type {model_type!r}; expected 'qwen3' or 'qwen2'")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default')")
+        if hf.get("use_sliding_window"):
+            raise ValueError("sliding-window attention is not supported")
+        heads = hf["num_attention_heads"]
+        is_qwen3 = model_type == "qwen3"
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qk_norm=is_qwen3,
+            attention_bias=hf.get("attention_bias", False) if is_qwen3 else True,
+            hidden_act=hf.get("hidden_act", "silu"),
+            model_type=model_type,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+        return cls(**fields, **overrides)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF ``config.json`` dict for this architecture (inverse of :meth:`from_hf`)."""
+        is_qwen3 = self.model_type == "qwen3"
+        hf: dict[str, Any] = dict(
+            architectures=["Qwen3ForCausalLM" if is_qwen3 else "Qwen2ForCausalLM"],
+            model_type=self.model_type,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            rope_theta=self.rope_theta,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            hidden_act=self.hidden_act,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            use_sliding_window=False,
+        )
+        if is_qwen3:
+            hf.update(head_dim=self.head_dim, attention_bias=self.attention_bias)
+        return hf
+
+    def replace(self, **changes: Any) -> Qwen3Config:
+        return dataclasses.replace(self, **changes)
+
+
+def qwen3_4b(**overrides: Any) -> Qwen3Config:
+    """The paper's LLM (Qwen3-4B) architecture."""
+    return Qwen3Config(**overrides)
+
+
+def parse_dtype(name: str | Any) -> Any:
+    """``"bfloat16"`` -> ``jnp.bfloat16``; dtypes pass through."""
+    return _DTYPES[name] if isinstance(name, str) else name
+
+
+@struct.dataclass
+class KVCache:
+    """Stacked keys/values ``[L, B, S, KV, hd]``, slot validity ``[B, S]``, next slot, valid tokens per row."""
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+    lengths: jax.Array
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin ``[B, T, hd]`` in fp32, laid out as HF's ``rotate_half`` expects."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [B, T, N, hd]``; cos/sin are cast to ``x``'s dtype first, as HF does."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def _dropout_key(key: jax.Array | None, salt: int) -> jax.Array | None:
+    return None if key is None else jax.random.fold_in(key, salt)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k RMSNorm and qkv bias."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        d, h, kv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+
+        def proj(name: str, n_in: int, n_out: int, axes: tuple[str, str], bias: bool) -> Linear:
+            return lora_lib.make_linear(
+                name, n_in, n_out, axes=axes, use_bias=bias, lora=c.lora,
+                dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs,
+            )
+
+        self.q_proj = proj("q_proj", d, h * hd, ("embed", "heads"), c.attention_bias)
+        self.k_proj = proj("k_proj", d, kv * hd, ("embed", "kv_heads"), c.attention_bias)
+        self.v_proj = proj("v_proj", d, kv * hd, ("embed", "kv_heads"), c.attention_bias)
+        self.o_proj = proj("o_proj", h * hd, d, ("heads", "embed"), False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(hd, eps=c.rms_norm_eps, param_dtype=c.param_dtype)
+            self.k_norm = RMSNorm(hd, eps=c.rms_norm_eps, param_dtype=c.param_dtype)
+        else:
+            self.q_norm = None
+            self.k_norm = None
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        attend: jax.Array,
+        kv_slots: tuple[jax.Array, jax.Array, jax.Array] | None,
+        dropout_key: jax.Array | None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        c = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x, dropout_key=_dropout_key(dropout_key, 0)).reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = self.k_proj(x, dropout_key=_dropout_key(dropout_key, 1)).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(x, dropout_key=_dropout_key(dropout_key, 2)).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        updated = None
+        if kv_slots is not None:
+            cache_k, cache_v, index = kv_slots
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+            updated = (cache_k, cache_v)
+            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, mask=attend, scale=c.head_dim**-0.5, implementation="xla")
+        out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
+        return self.o_proj(out, dropout_key=_dropout_key(dropout_key, 3)), updated
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        c = config
+        d, f = c.hidden_size, c.intermediate_size
+
+        def proj(name: str, n_in: int, n_out: int, axes: tuple[str, str]) -> Linear:
+            return lora_lib.make_linear(
+                name, n_in, n_out, axes=axes, use_bias=False, lora=c.lora,
+                dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs,
+            )
+
+        self.gate_proj = proj("gate_proj", d, f, ("embed", "mlp"))
+        self.up_proj = proj("up_proj", d, f, ("embed", "mlp"))
+        self.down_proj = proj("down_proj", f, d, ("mlp", "embed"))
+        self.act = activation(c.hidden_act)
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+        gate = self.gate_proj(x, dropout_key=_dropout_key(dropout_key, 4))
+        up = self.up_proj(x, dropout_key=_dropout_key(dropout_key, 5))
+        hidden = constrain(self.act(gate) * up, ("batch", "length", "mlp"))
+        return self.down_proj(hidden, dropout_key=_dropout_key(dropout_key, 6))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: attention then SwiGLU MLP."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=config.param_dtype)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, param_dtype=config.param_dtype
+        )
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, cos, sin, attend, kv_slots, dropout_key):
+        attn, updated = self.self_attn(self.input_layernorm(x), cos, sin, attend, kv_slots, dropout_key)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x), dropout_key)
+        return constrain(x, ("batch", "length", "embed")), updated
+
+
+def _prefix_layers_axis(module: nnx.Module) -> None:
+    """Stacked parameters gain a leading ``"layers"`` logical axis."""
+    for _, variable in nnx.iter_graph(module):
+        if isinstance(variable, nnx.Variable) and "logical_axes" in variable.get_metadata():
+            variable.set_metadata("logical_axes", ("layers", *variable.get_metadata()["logical_axes"]))
+
+
+class Qwen3ForCausalLM(nnx.Module):
+    """Token ids or input embeddings -> fp32 next-token logits; optionally through a :class:`KVCache`."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, rngs=rngs, param_dtype=config.param_dtype)
+
+        @nnx.split_rngs(splits=config.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(layer_rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, rngs=layer_rngs)
+
+        self.layers = make_layers(rngs)
+        _prefix_layers_axis(self.layers)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=config.param_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(
+                config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False,
+                kernel_init=default_init, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs,
+            )
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings ``[B, T, D]`` in the compute dtype (what multimodal callers splice into)."""
+        return self.embed_tokens(input_ids, dtype=self.config.dtype)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: DType = None) -> KVCache:
+        """An empty cache with ``max_length`` slots per row."""
+        c = self.config
+        shape = (c.num_hidden_layers, batch_size, max_length, c.num_key_value_heads, c.head_dim)
+        dtype = dtype or c.dtype
+        return KVCache(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            mask=jnp.zeros((batch_size, max_length), bool),
+            index=jnp.zeros((), jnp.int32),
+            lengths=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states ``[B, T, D]`` (and the updated cache when one is given)."""
+        c = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(c.dtype)
+        b, t, _ = x.shape
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if cache is None:
+            base = jnp.zeros((b,), jnp.int32)
+            key_valid = valid
+            query_slots = jnp.arange(t)
+        else:
+            base = cache.lengths
+            key_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (0, cache.index))
+            query_slots = cache.index + jnp.arange(t)
+        if positions is None:
+            positions = base[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        key_slots = jnp.arange(key_valid.shape[1])
+        attend = (key_slots[None, :] <= query_slots[:, None])[None] & key_valid[:, None, :]
+        attend = attend[:, None]  # [B, 1, T, S] broadcast over heads
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        x = constrain(x, ("batch", "length", "embed"))
+
+        graphdef, layer_state = nnx.split(self.layers)
+        layer_keys = (
+            None if dropout_rng is None else jax.random.split(dropout_rng, c.num_hidden_layers)
+        )
+
+        def body(h, xs):
+            state, kv, key = xs
+            layer = nnx.merge(graphdef, state)
+            kv_slots = None if kv is None else (kv[0], kv[1], cache.index)
+            h, updated = layer(h, cos, sin, attend, kv_slots, key)
+            return h, updated
+
+        if c.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+        kv_xs = None if cache is None else (cache.k, cache.v)
+        x, updated = jax.lax.scan(body, x, (layer_state, kv_xs, layer_keys))
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        new_cache = KVCache(
+            k=updated[0],
+            v=updated[1],
+            mask=key_valid,
+            index=cache.index + t,
+            lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32),
+        )
+        return x, new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 vocabulary logits from final hidden states."""
+        if self.lm_head is None:
+            out = self.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """fp32 logits ``[B, T, V]``; with ``cache``, ``(logits, updated_cache)``.
+
+        ``attention_mask`` [B, T] marks real tokens (1) and padding (0); ``positions`` default to
+        the running count of real tokens. LoRA dropout is active only when ``dropout_rng`` is given.
+        """
+        hidden, new_cache = self.hidden_states(
+            input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            positions=positions, cache=cache, dropout_rng=dropout_rng,
+        )
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, new_cache)
