@@ -82,17 +82,14 @@ def test_frame_mask_ratio():
     assert abs(float(mask.mean()) - 0.5) < 0.02
 
 
-def test_next_token_cross_entropy_scores_only_target_tokens():
+def test_causal_lm_cross_entropy_scores_only_labelled_positions():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 4, 5))
-    labels = np.array([[0, 3, 1, 4], [0, 2, 2, 0]])
-    label_mask = np.array([[0, 0, 1, 1], [0, 1, 1, 0]])
-    terms = []
-    for b in range(2):
-        for t in range(3):
-            if label_mask[b, t + 1]:
-                terms.append(-_log_softmax_row(list(logits[b, t]))[labels[b, t + 1]])
-    loss, count = losses.next_token_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(label_mask))
+    labels = np.array([[-100, 3, 1, -100], [2, 2, -100, -100]])
+    terms = [
+        -_log_softmax_row(list(logits[b, t]))[labels[b, t]] for b in range(2) for t in range(4) if labels[b, t] != -100
+    ]
+    loss, count = losses.causal_lm_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
     np.testing.assert_allclose(float(loss), sum(terms) / len(terms), rtol=1e-6)
     assert float(count) == 4
 

@@ -15,6 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from xemogpt_jax.prompt import IGNORE_INDEX
+
 CLIP_INIT_TEMPERATURE = 0.07
 CLIP_MAX_LOGIT_SCALE = 100.0
 
@@ -94,18 +96,19 @@ def masked_frame_modeling(predicted: jax.Array, target: jax.Array, mask: jax.Arr
     return jnp.sum(per_frame * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def next_token_cross_entropy(logits: jax.Array, labels: jax.Array, label_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Causal-LM loss: position ``t`` predicts ``labels[t + 1]``; only positions where ``label_mask[t + 1]``.
+def causal_lm_cross_entropy(
+    logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX
+) -> tuple[jax.Array, jax.Array]:
+    """Causal-LM loss on target tokens with pre-shifted labels (``xemogpt_jax.prompt``'s convention).
 
-    ``labels`` and ``label_mask`` are aligned with the input sequence (the mask is 1 on target tokens:
-    the annotation text and its EOS). Returns (mean loss over all target tokens of the global batch,
-    number of target tokens), so accumulation and logging can weight by tokens.
+    ``labels[b, t]`` is the token the logits at position ``t`` must predict, ``ignore_index`` where
+    nothing is scored (condition, feature slots, padding). Returns (mean loss over every target token
+    of the global batch, number of target tokens), so logging can weight by tokens.
     """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
-    weights = label_mask[:, 1:].astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    token_nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    weights = (labels != ignore_index).astype(jnp.float32)
+    targets = jnp.where(labels == ignore_index, 0, labels).astype(jnp.int32)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     count = jnp.sum(weights)
     return jnp.sum(token_nll * weights) / jnp.maximum(count, 1.0), count
 
