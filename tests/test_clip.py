@@ -1,0 +1,198 @@
+"""CLIP towers against HF transformers' CLIPModel (tiny random models saved locally), sharding, paper scale."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from xemogpt_jax import sharding
+from xemogpt_jax.models.clip import (
+    CLIPConfig,
+    CLIPEncoderLayer,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+)
+from xemogpt_jax.models.clip_params import hf_key_for, key_map, load_clip, load_clip_vision
+
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=99,
+    max_position_embeddings=16,
+    bos_token_id=97,
+    pad_token_id=0,
+)
+EOS = 98
+
+
+def tiny_hf_clip(eos_token_id: int) -> transformers.CLIPModel:
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(TINY_TEXT, eos_token_id=eos_token_id), vision_config=TINY_VISION, projection_dim=16
+    )
+    return transformers.CLIPModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_clip_dir(tmp_path_factory):
+    model = tiny_hf_clip(EOS)
+    path = tmp_path_factory.mktemp("clip")
+    model.save_pretrained(path)
+    return model, path
+
+
+def pixels(n: int = 3, size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
+
+
+def padded_text() -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded rows of unequal lengths, each ending in EOS (token ids below the legacy max rule's EOS)."""
+    rng = np.random.default_rng(1)
+    lengths = [5, 9, 3]
+    ids = np.zeros((len(lengths), 10), np.int64)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, 0] = 97
+        ids[row, 1 : n - 1] = rng.integers(3, 90, n - 2)
+        ids[row, n - 1] = EOS
+        mask[row, :n] = 1
+    return ids, mask
+
+
+def assert_close(ours, theirs, atol=1e-4):
+    np.testing.assert_allclose(np.asarray(ours), theirs.detach().numpy(), atol=atol, rtol=0)
+
+
+def test_vision_tower_matches_hf(hf_clip_dir):
+    hf, path = hf_clip_dir
+    model, report = load_clip(path)
+    assert not report.missing
+    images = pixels()
+    with torch.no_grad():
+        expected = hf.vision_model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+        image_features = hf.get_image_features(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    out = model.vision_model(jnp.asarray(images))
+    assert_close(out.last_hidden_state, expected.last_hidden_state)
+    assert_close(out.pooler_output, expected.pooler_output)
+    assert_close(out.cls_token, expected.last_hidden_state[:, 0])
+    assert_close(model.get_image_features(jnp.asarray(images)), image_features.pooler_output)
+
+
+@pytest.mark.parametrize("eos_token_id", [EOS, 2], ids=["first_eos", "legacy_argmax"])
+def test_text_features_match_hf_on_padded_batch(tmp_path, eos_token_id):
+    hf = tiny_hf_clip(eos_token_id)
+    hf.save_pretrained(tmp_path)
+    model, _ = load_clip(tmp_path)
+    ids, mask = padded_text()
+    with torch.no_grad():
+        expected = hf.get_text_features(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    text = model.text_model(jnp.asarray(ids), jnp.asarray(mask))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(
+        np.asarray(text.last_hidden_state)[valid], expected.last_hidden_state.numpy()[valid], atol=1e-4, rtol=0
+    )
+    assert_close(model.get_text_features(jnp.asarray(ids), jnp.asarray(mask)), expected.pooler_output)
+
+
+def test_vision_only_directory_loads_the_tower(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_VISION)).eval()
+    hf.save_pretrained(tmp_path)
+    model, report = load_clip_vision(tmp_path)
+    assert isinstance(model, CLIPVisionModel) and not report.missing
+    images = pixels(2)
+    with torch.no_grad():
+        expected = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    out = model(jnp.asarray(images))
+    assert_close(out.last_hidden_state, expected.last_hidden_state)
+    assert_close(out.pooler_output, expected.pooler_output)
+
+
+def test_key_map_is_invertible_and_covers_every_parameter(hf_clip_dir):
+    hf, _ = hf_clip_dir
+    hf_params = dict(hf.named_parameters())
+    model = nnx.eval_shape(lambda: CLIPModel(CLIPConfig.from_hf(hf.config.to_dict()), rngs=nnx.Rngs(0)))
+    ours = [tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    assert sorted(hf_key_for(p)[0] for p in ours) == sorted(hf_params)
+    assert all(key_map(hf_key_for(p)[0]).path == p for p in ours)
+
+
+def test_sharded_vision_forward_equals_single_device(devices):
+    config = CLIPVisionConfig(**TINY_VISION)
+    model = CLIPVisionModel(config, rngs=nnx.Rngs(3))
+    images = pixels(8, seed=2)
+    forward = nnx.jit(lambda m, x: m(x).last_hidden_state)
+    expected = np.asarray(forward(model, jnp.asarray(images)))
+
+    mesh = sharding.make_mesh((2, 2, 2))
+    sharded = sharding.shard_model(model, mesh)
+    assert sharded.encoder.layers[0].mlp.fc1.kernel[...].sharding.spec == P("fsdp", "tensor")
+    with jax.set_mesh(mesh):
+        batch = jax.device_put(images, sharding.batch_sharding(mesh, 4))
+        out = forward(sharded, batch)
+    assert out.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, rtol=0)
+
+
+def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
+    config = CLIPVisionConfig(**TINY_VISION)
+    fp32 = CLIPVisionModel(config, rngs=nnx.Rngs(4))
+    bf16 = CLIPVisionModel(config, rngs=nnx.Rngs(4), dtype=jnp.bfloat16)
+    assert bf16.encoder.layers[0].mlp.fc1.kernel[...].dtype == jnp.float32
+    images = jnp.asarray(pixels(2))
+    out = bf16(images).last_hidden_state
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(fp32(images).last_hidden_state), atol=0.1)
+
+
+def test_encoder_layer_applies_the_attention_bias():
+    layer = CLIPEncoderLayer(CLIPVisionConfig(**TINY_VISION), rngs=nnx.Rngs(5))
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 4, 32)), jnp.float32)
+    # Blocking key 3 for every query must equal running the first three tokens alone.
+    bias = jnp.where(jnp.arange(4) < 3, 0.0, -1e9)[None, None, None, :]
+    np.testing.assert_allclose(np.asarray(layer(x, bias)[:, :3]), np.asarray(layer(x[:, :3])), atol=1e-5, rtol=0)
+
+
+OPENAI_CLIP_VIT_L14 = dict(
+    text_config=dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        projection_dim=768,
+        eos_token_id=2,
+    ),
+    vision_config=dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=224,
+        projection_dim=768,
+    ),
+    projection_dim=768,
+)
+
+
+def test_paper_scale_clip_builds_abstractly_with_hf_parameter_count():
+    config = CLIPConfig.from_hf(OPENAI_CLIP_VIT_L14)
+    model = nnx.eval_shape(lambda: CLIPModel(config, rngs=nnx.Rngs(0)))
+    ours = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    with torch.device("meta"):
+        hf = transformers.CLIPModel(transformers.CLIPConfig(**OPENAI_CLIP_VIT_L14))
+    assert ours == sum(p.numel() for p in hf.parameters())
+    assert 427e6 < ours < 429e6
