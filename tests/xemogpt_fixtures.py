@@ -1,0 +1,55 @@
+"""Copying PyTorch module weights into our NNX modules for the bridge and XEmoGPT parity tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flax import nnx
+
+from xemogpt_jax.models import hf_io
+
+
+def _ours(path: str) -> tuple[str | int, ...]:
+    return tuple(int(p) if p.isdigit() else p for p in path.split(".") if p)
+
+
+def linear_and_norm_tensors(module: torch.nn.Module, path: str = "") -> list[tuple[tuple, np.ndarray]]:
+    """(our path, array) for every nn.Linear / nn.LayerNorm inside ``module``: kernels transposed, weight -> scale.
+
+    An ``nn.Sequential`` child index ``i`` becomes ``layers/i`` (how ``nnx.Sequential`` stores it).
+    """
+    out = []
+    for name, child in module.named_modules():
+        parts = name.split(".") if name else []
+        parent = module
+        ours = []
+        for part in parts:
+            if isinstance(parent, torch.nn.Sequential):
+                ours.append("layers")
+            ours.append(part)
+            parent = getattr(parent, part) if not part.isdigit() else parent[int(part)]
+        prefix = _ours(path) + _ours(".".join(ours))
+        if isinstance(child, torch.nn.Linear):
+            out.append((prefix + ("kernel",), child.weight.detach().numpy().T))
+            if child.bias is not None:
+                out.append((prefix + ("bias",), child.bias.detach().numpy()))
+        elif isinstance(child, torch.nn.LayerNorm):
+            out.append((prefix + ("scale",), child.weight.detach().numpy()))
+            out.append((prefix + ("bias",), child.bias.detach().numpy()))
+    return out
+
+
+def assign_paths(model: nnx.Module, tensors: list[tuple[tuple, np.ndarray]]) -> hf_io.LoadReport:
+    """``hf_io.assign`` with tensors already keyed by our paths."""
+    named = [("/".join(map(str, p)), a) for p, a in tensors]
+    lookup = {"/".join(map(str, p)): p for p, _ in tensors}
+    return hf_io.assign(model, named, lambda name: hf_io.Target(lookup[name]))
+
+
+def torch_state(module: torch.nn.Module, prefix: str) -> list[tuple[str, np.ndarray]]:
+    """``(prefix + name, array)`` for every tensor of a HF module's state dict."""
+    return [(prefix + k, v.detach().numpy()) for k, v in module.state_dict().items()]
+
+
+def to_torch(x) -> torch.Tensor:
+    return torch.from_numpy(np.array(x))
