@@ -1,0 +1,450 @@
+"""A synthetic "cue world": procedurally drawn clips whose emotional cues are known exactly.
+
+It is the built-in data of ``make demo`` and of the tests: small enough that a tiny model learns it in
+minutes on a CPU, and built so that a model can only be right by perceiving the cues.
+
+Latent cues (each drawn from a small pool, so descriptions are compositional):
+
+- visual: mouth (smiling / frowning / neutral), brows (raised / furrowed / relaxed), eyes (wide /
+  narrowed), head (nodding / shaking / still), lighting (bright / dim); the background colour and the
+  skin tone are nuisance variables that carry no cue.
+- auditory: pitch (high / low), contour (rising / falling), loudness (loud / soft), rate (fast / slow),
+  tremor (trembling / steady), laughter (laughing / none). Laughter and tremor never occur together.
+
+Rendering: a face drawn on 16 frames of ``S x S`` pixels (head motion: nodding moves the face up and
+down, shaking left and right; brows sit higher when raised and slant inwards when furrowed; the mouth
+is a parabola whose corners bend up for a smile and down for a frown; dim lighting scales every pixel
+by 0.45). Audio: 2-3 s of 16 kHz voiced syllables, fundamental 240 Hz (high) or 120 Hz (low) with
+harmonics, gliding +/-15 % over the clip (rising / falling), peak 0.5 (loud) or 0.08 (soft), 6 or 2.5
+syllables per second, 9 Hz pitch vibrato of depth 8 % when trembling, and a 0.8 s burst of breathy
+"ha" pulses when laughing.
+
+Emotion rules (emotion = the first rule that fires; a clip's modalities always agree):
+
+- from the face: smiling -> happy; frowning with furrowed brows -> angry; frowning otherwise -> sad;
+  raised brows with wide eyes -> surprised; furrowed brows -> worried; otherwise -> neutral.
+  Head motion and lighting are described but never decide the emotion.
+- from the voice: laughter -> happy; tremor -> worried; high rising pitch -> surprised; loud and fast
+  -> angry; soft and slow -> sad; otherwise -> neutral.
+
+The generator draws the emotion uniformly, then draws the visual and auditory cues uniformly among the
+combinations that the rules map to that emotion, so both modalities alone determine it.
+Modalities: 70 % audio+video, 15 % video-only, 15 % audio-only.
+
+Text per clip: an emotion-free subtitle; a description in the reference's style ("In the video, ...
+In the audio, ..." and a closing inference naming the deciding cues); short captions (the visual one
+first when the clip has video, then the auditory one when it has audio); and EmoCue-360 ground-truth
+cue lists per axis {visual, auditory, emotional}.
+
+CLI: ``python -m data_pipelines.synth --out DIR [--num-clips N] [--seed S] [--frame-size 64]`` writes
+``DIR/train`` and ``DIR/heldout`` (ArrayRecord shards + manifest), ``DIR/<split>_cues.json`` and a
+tokenizer trained on this world's text at ``DIR/tokenizer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from data_pipelines import schema
+from data_pipelines.records import MANIFEST_NAME, shard_name
+from data_pipelines.tokenizer import train_world_tokenizer
+
+VISUAL_AXES: dict[str, tuple[str, ...]] = {
+    "mouth": ("smiling", "frowning", "neutral"),
+    "brows": ("raised", "furrowed", "relaxed"),
+    "eyes": ("wide", "narrowed"),
+    "head": ("nodding", "shaking", "still"),
+    "lighting": ("bright", "dim"),
+}
+AUDIO_AXES: dict[str, tuple[str, ...]] = {
+    "pitch": ("high", "low"),
+    "contour": ("rising", "falling"),
+    "loudness": ("loud", "soft"),
+    "rate": ("fast", "slow"),
+    "tremor": ("trembling", "steady"),
+    "laughter": ("laughing", "none"),
+}
+EMOTIONS = ("happy", "sad", "angry", "surprised", "worried", "neutral")
+MODALITY_WEIGHTS = {(True, True): 0.70, (True, False): 0.15, (False, True): 0.15}  # (has_video, has_audio)
+
+SAMPLE_RATE = schema.AUDIO_SAMPLE_RATE
+NUM_FRAMES = schema.NUM_FRAMES
+AUDIO_SECONDS = (2.0, 3.0)
+PITCH_HZ = {"high": 240.0, "low": 120.0}
+PEAK = {"loud": 0.5, "soft": 0.08}
+SYLLABLES_PER_SECOND = {"fast": 6.0, "slow": 2.5}
+LIGHT_GAIN = {"bright": 1.0, "dim": 0.45}
+
+Cues = dict[str, str]
+
+_SUBJECTS = ("I", "We", "She", "He", "They", "My brother", "Our neighbour", "The teacher")
+_VERBS = ("talked about", "walked to", "looked at", "thought about", "waited for", "wrote about", "asked about")
+_OBJECTS = ("the old house", "the train", "the letter", "the garden", "the meeting", "the new shop", "the river")
+_TIMES = ("this morning", "yesterday", "last week", "after dinner", "on Sunday", "before work")
+
+_VISUAL_REASON = {
+    "happy": "the smile",
+    "angry": "the frown and the furrowed brows",
+    "sad": "the frown",
+    "surprised": "the raised brows and the wide eyes",
+    "worried": "the furrowed brows",
+    "neutral": "the calm face",
+}
+_AUDIO_REASON = {
+    "happy": "the laughter",
+    "worried": "the trembling voice",
+    "surprised": "the high, rising pitch",
+    "angry": "the loud, fast speech",
+    "sad": "the soft, slow speech",
+    "neutral": "the even voice",
+}
+_EMOTION_NOUN = {
+    "happy": "happiness",
+    "sad": "sadness",
+    "angry": "anger",
+    "surprised": "surprise",
+    "worried": "worry",
+    "neutral": "a calm state",
+}
+
+
+def visual_emotion(visual: Cues) -> str:
+    """The emotion the face shows (module docstring, first rule that fires)."""
+    if visual["mouth"] == "smiling":
+        return "happy"
+    if visual["mouth"] == "frowning":
+        return "angry" if visual["brows"] == "furrowed" else "sad"
+    if visual["brows"] == "raised" and visual["eyes"] == "wide":
+        return "surprised"
+    if visual["brows"] == "furrowed":
+        return "worried"
+    return "neutral"
+
+
+def audio_emotion(audio: Cues) -> str:
+    """The emotion the voice shows (module docstring, first rule that fires)."""
+    if audio["laughter"] == "laughing":
+        return "happy"
+    if audio["tremor"] == "trembling":
+        return "worried"
+    if audio["pitch"] == "high" and audio["contour"] == "rising":
+        return "surprised"
+    if audio["loudness"] == "loud" and audio["rate"] == "fast":
+        return "angry"
+    if audio["loudness"] == "soft" and audio["rate"] == "slow":
+        return "sad"
+    return "neutral"
+
+
+def _combinations(axes: dict[str, tuple[str, ...]]) -> Iterator[Cues]:
+    for values in itertools.product(*axes.values()):
+        yield dict(zip(axes, values))
+
+
+def _by_emotion(axes: dict[str, tuple[str, ...]], rule, allowed=lambda cues: True) -> dict[str, list[Cues]]:
+    table: dict[str, list[Cues]] = {emotion: [] for emotion in EMOTIONS}
+    for cues in _combinations(axes):
+        if allowed(cues):
+            table[rule(cues)].append(cues)
+    return table
+
+
+VISUAL_BY_EMOTION = _by_emotion(VISUAL_AXES, visual_emotion)
+AUDIO_BY_EMOTION = _by_emotion(
+    AUDIO_AXES, audio_emotion, allowed=lambda a: not (a["laughter"] == "laughing" and a["tremor"] == "trembling")
+)
+
+
+@dataclass(frozen=True)
+class ClipLatents:
+    """Everything the generator decided for one clip; the rendering and the text follow from it."""
+
+    clip_id: str
+    emotion: str
+    visual: Cues | None  # None: the clip has no video
+    audio: Cues | None  # None: the clip has no audio
+    subtitle: str
+
+
+def sample_latents(rng: np.random.Generator, clip_id: str) -> ClipLatents:
+    """Draw one clip's emotion, modalities, cues and subtitle."""
+    emotion = EMOTIONS[rng.integers(len(EMOTIONS))]
+    modalities = list(MODALITY_WEIGHTS)
+    has_video, has_audio = modalities[rng.choice(len(modalities), p=list(MODALITY_WEIGHTS.values()))]
+    visual_pool, audio_pool = VISUAL_BY_EMOTION[emotion], AUDIO_BY_EMOTION[emotion]
+    visual = dict(visual_pool[rng.integers(len(visual_pool))])
+    audio = dict(audio_pool[rng.integers(len(audio_pool))])
+    subtitle = " ".join(
+        pool[rng.integers(len(pool))] for pool in (_SUBJECTS, _VERBS, _OBJECTS, _TIMES)
+    ) + "."
+    return ClipLatents(clip_id, emotion, visual if has_video else None, audio if has_audio else None, subtitle)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def render_frames(visual: Cues, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """16 RGB frames ``uint8 [16, size, size, 3]`` of a face showing ``visual`` (vectorised over frames)."""
+    s = float(size)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    yy, xx = yy[None], xx[None]
+    t = np.arange(NUM_FRAMES, dtype=np.float32)[:, None, None]
+    swing = 0.07 * s * np.sin(2 * np.pi * t / 8)
+    cx = s / 2 + (swing if visual["head"] == "shaking" else 0.0)
+    cy = s / 2 + (swing if visual["head"] == "nodding" else 0.0)
+    line = max(0.025 * s, 1.0)
+
+    face = ((xx - cx) / (0.3 * s)) ** 2 + ((yy - cy) / (0.38 * s)) ** 2 <= 1.0
+    eye_height = {"wide": 0.065 * s, "narrowed": max(0.015 * s, 0.75)}[visual["eyes"]]
+    brow_lift = {"raised": 0.16 * s, "relaxed": 0.11 * s, "furrowed": 0.085 * s}[visual["brows"]]
+    brow_slant = 0.5 if visual["brows"] == "furrowed" else 0.0
+    eyes = np.zeros_like(face)
+    brows = np.zeros_like(face)
+    for side in (-1.0, 1.0):
+        ex, ey = cx + side * 0.12 * s, cy - 0.08 * s
+        eyes |= ((xx - ex) / (0.06 * s)) ** 2 + ((yy - ey) / eye_height) ** 2 <= 1.0
+        brow_y = ey - brow_lift - side * brow_slant * (xx - ex)
+        brows |= (np.abs(yy - brow_y) <= line) & (np.abs(xx - ex) <= 0.075 * s)
+    bend = {"smiling": 0.07 * s, "frowning": -0.07 * s, "neutral": 0.0}[visual["mouth"]]
+    u = (xx - cx) / (0.13 * s)
+    mouth_y = cy + 0.17 * s + bend * (1.0 - u**2)
+    mouth = (np.abs(yy - mouth_y) <= line) & (np.abs(u) <= 1.0)
+
+    background = rng.uniform(40, 200, size=3)
+    skin = np.array([225, 185, 145]) + rng.uniform(-15, 15, size=3)
+    palette = np.array([background, skin, (25, 25, 30), (60, 40, 20), (130, 25, 40)], np.float32)
+    palette *= LIGHT_GAIN[visual["lighting"]]
+    labels = np.zeros((NUM_FRAMES, size, size), np.uint8)
+    for value, mask in enumerate((face, eyes, brows, mouth), start=1):
+        labels[np.broadcast_to(mask, labels.shape)] = value
+    image = palette[labels] + 3.0 * rng.standard_normal((*labels.shape, 3), dtype=np.float32)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def render_audio(audio: Cues, rng: np.random.Generator) -> np.ndarray:
+    """2-3 s of 16 kHz mono ``int16`` speech-like sound with the prosody in ``audio``."""
+    num_samples = int(rng.uniform(*AUDIO_SECONDS) * SAMPLE_RATE)
+    t = np.arange(num_samples, dtype=np.float64) / SAMPLE_RATE
+    progress = t / t[-1]
+    glide = 0.85 + 0.3 * progress if audio["contour"] == "rising" else 1.15 - 0.3 * progress
+    f0 = PITCH_HZ[audio["pitch"]] * rng.uniform(0.95, 1.05) * glide
+    if audio["tremor"] == "trembling":
+        f0 = f0 * (1.0 + 0.08 * np.sin(2 * np.pi * 9.0 * t))
+    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
+    voice = sum(0.6**k * np.sin((k + 1) * phase) for k in range(4)) / 2.2
+    rate = SYLLABLES_PER_SECOND[audio["rate"]]
+    envelope = np.abs(np.sin(np.pi * rate * t + rng.uniform(0, np.pi))) ** 1.5
+    signal = voice * envelope
+    if audio["laughter"] == "laughing":
+        start = int(rng.uniform(0.1, 0.6) * (num_samples - 0.8 * SAMPLE_RATE))
+        span = slice(start, start + int(0.8 * SAMPLE_RATE))
+        tl = t[span] - t[span][0]
+        pulses = np.abs(np.sin(np.pi * 5.0 * tl)) ** 4
+        breath = rng.normal(0.0, 0.5, size=tl.shape) + 0.5 * np.sin(2 * np.pi * 1.8 * f0[span] * tl)
+        signal[span] = breath * pulses
+    signal = PEAK[audio["loudness"]] * signal / max(np.abs(signal).max(), 1e-6)
+    signal += rng.normal(0.0, 0.003, size=num_samples)
+    return np.clip(np.rint(signal * 32767.0), -32768, 32767).astype(np.int16)
+
+
+# ---------------------------------------------------------------- text
+
+
+def visual_cue_phrases(visual: Cues) -> list[str]:
+    """Atomic visual cues, one per axis, in a fixed order."""
+    mouth = {"smiling": "the person is smiling", "frowning": "the person is frowning",
+             "neutral": "the mouth is neutral"}[visual["mouth"]]
+    head = {"nodding": "the head is nodding", "shaking": "the head is shaking",
+            "still": "the head is still"}[visual["head"]]
+    return [mouth, f"the brows are {visual['brows']}", f"the eyes are {visual['eyes']}", head,
+            f"the lighting is {visual['lighting']}"]
+
+
+def auditory_cue_phrases(audio: Cues) -> list[str]:
+    """Atomic auditory cues; tremor and laughter are mentioned only when present."""
+    phrases = [f"the pitch is {audio['pitch']}", f"the pitch is {audio['contour']}",
+               f"the voice is {audio['loudness']}", f"the speech is {audio['rate']}"]
+    if audio["tremor"] == "trembling":
+        phrases.append("the voice is trembling")
+    if audio["laughter"] == "laughing":
+        phrases.append("there is laughter")
+    return phrases
+
+
+def emotional_cue_phrases(latents: ClipLatents) -> list[str]:
+    """The inference as atomic statements: the emotion and what points to it in each present modality."""
+    noun = _EMOTION_NOUN[latents.emotion]
+    phrases = [f"the person is {latents.emotion}"]
+    if latents.visual is not None:
+        phrases.append(f"{noun} is suggested by {_VISUAL_REASON[latents.emotion]}")
+    if latents.audio is not None:
+        phrases.append(f"{noun} is suggested by {_AUDIO_REASON[latents.emotion]}")
+    return phrases
+
+
+def _join(phrases: Sequence[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + ", and " + phrases[-1]
+
+
+def describe(latents: ClipLatents) -> str:
+    """The target description: video part, audio part, then the emotion inference."""
+    parts = []
+    reasons = []
+    if latents.visual is not None:
+        parts.append(f"In the video, {_join(visual_cue_phrases(latents.visual))}.")
+        reasons.append(_VISUAL_REASON[latents.emotion])
+    else:
+        parts.append("The video is not available.")
+    if latents.audio is not None:
+        parts.append(f"In the audio, {_join(auditory_cue_phrases(latents.audio))}.")
+        reasons.append(_AUDIO_REASON[latents.emotion])
+    else:
+        parts.append("The audio is not available.")
+    noun = _EMOTION_NOUN[latents.emotion]
+    parts.append(f"{noun[0].upper()}{noun[1:]} is suggested by {' as well as '.join(reasons)}, "
+                 f"so the person is most likely {latents.emotion}.")
+    return " ".join(parts)
+
+
+def visual_caption(visual: Cues) -> str:
+    """A short stage-1 caption of the face."""
+    mouth = {"smiling": "A smiling face", "frowning": "A frowning face", "neutral": "A neutral face"}[visual["mouth"]]
+    head = {"nodding": "nodding", "shaking": "shaking its head", "still": "holding still"}[visual["head"]]
+    return f"{mouth} with {visual['brows']} brows and {visual['eyes']} eyes, {head}, in {visual['lighting']} light."
+
+
+def auditory_caption(audio: Cues) -> str:
+    """A short stage-2 caption of the voice."""
+    extras = [w for w, on in (("trembling", audio["tremor"] == "trembling"),
+                              ("with laughter", audio["laughter"] == "laughing")) if on]
+    tail = (", " + ", ".join(extras)) if extras else ""
+    return f"A {audio['pitch']}, {audio['contour']} voice, {audio['loudness']} and {audio['rate']}{tail}."
+
+
+def cue_lists(latents: ClipLatents) -> dict[str, list[str]]:
+    """EmoCue-360 ground truth: an empty list for an absent modality."""
+    return {
+        "visual": visual_cue_phrases(latents.visual) if latents.visual is not None else [],
+        "auditory": auditory_cue_phrases(latents.audio) if latents.audio is not None else [],
+        "emotional": emotional_cue_phrases(latents),
+    }
+
+
+def captions(latents: ClipLatents) -> list[str]:
+    """Visual caption first (with video), then the auditory one (with audio)."""
+    out = []
+    if latents.visual is not None:
+        out.append(visual_caption(latents.visual))
+    if latents.audio is not None:
+        out.append(auditory_caption(latents.audio))
+    return out
+
+
+# ---------------------------------------------------------------- records and CLI
+
+
+def clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """Each clip has its own stream, so a clip does not depend on how many clips come before it."""
+    return np.random.default_rng([seed, sum(split.encode()), index])
+
+
+def make_clip(seed: int, split: str, index: int, frame_size: int = 64) -> tuple[ClipLatents, dict[str, Any]]:
+    """One clip's latents and its schema record."""
+    rng = clip_rng(seed, split, index)
+    latents = sample_latents(rng, f"synth_{split}_{index:05d}")
+    frames = render_frames(latents.visual, rng, frame_size) if latents.visual is not None else None
+    audio = render_audio(latents.audio, rng) if latents.audio is not None else None
+    record = schema.make_record(
+        latents.clip_id,
+        frames=frames,
+        frame_indices=np.arange(NUM_FRAMES, dtype=np.int32) if frames is not None else None,
+        audio=audio,
+        subtitle=latents.subtitle,
+        description=describe(latents),
+        captions=captions(latents),
+        cues=cue_lists(latents),
+        emotion=latents.emotion,
+        split=split,
+    )
+    return latents, record
+
+
+def write_split(records: Sequence[dict[str, Any]], out: Path, fingerprint: dict[str, Any],
+                records_per_shard: int = 256) -> dict[str, Any]:
+    """Write records as ArrayRecord shards plus ``manifest.json`` in the layout of ``data_pipelines.build``."""
+    out.mkdir(parents=True, exist_ok=True)
+    num_shards = max(1, -(-len(records) // records_per_shard))
+    shards = []
+    for index in range(num_shards):
+        span = (index * records_per_shard, min(len(records), (index + 1) * records_per_shard))
+        name = shard_name(index, num_shards)
+        writer = ArrayRecordWriter(str(out / name), "group_size:1")
+        for record in records[span[0]:span[1]]:
+            writer.write(schema.encode_record(record))
+        writer.close()
+        shards.append({"index": index, "file": name, "positions": list(span), "num_records": span[1] - span[0],
+                       "skipped": [], "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()})
+    manifest = {"schema_version": schema.SCHEMA_VERSION, "complete": True, "num_annotation_rows": len(records),
+                "num_records": len(records), "num_skipped": 0, "writer_options": "group_size:1",
+                "fingerprint": fingerprint, "shards": shards}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def corpus(seed: int = 0, num_clips: int = 2000) -> list[str]:
+    """This world's text (subtitles, descriptions, captions) for training the tokenizer."""
+    texts = []
+    for index in range(num_clips):
+        latents = sample_latents(clip_rng(seed, "corpus", index), f"corpus_{index}")
+        texts += [latents.subtitle, describe(latents), *captions(latents)]
+        texts += [" ".join(phrases) for phrases in cue_lists(latents).values()]
+    return texts
+
+
+def write_world(out: Path, num_clips: int = 1000, seed: int = 0, frame_size: int = 64,
+                heldout_fraction: float = 0.1, records_per_shard: int = 256) -> dict[str, int]:
+    """Write both splits, their cue JSON files and the tokenizer; return the clip count per split."""
+    out.mkdir(parents=True, exist_ok=True)
+    num_heldout = max(1, int(round(num_clips * heldout_fraction))) if num_clips > 1 else 0
+    counts = {"train": num_clips - num_heldout, "heldout": num_heldout}
+    for split, count in counts.items():
+        ground_truth = {}
+        records = []
+        for index in range(count):
+            latents, record = make_clip(seed, split, index, frame_size)
+            ground_truth[latents.clip_id] = record["cues"]
+            records.append(record)
+        fingerprint = {"generator": "data_pipelines.synth", "seed": seed, "split": split, "frame_size": frame_size}
+        write_split(records, out / split, fingerprint, records_per_shard)
+        (out / f"{split}_cues.json").write_text(json.dumps(ground_truth, indent=1))
+    train_world_tokenizer(out / "tokenizer", corpus(seed))
+    return counts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--num-clips", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frame-size", type=int, default=64)
+    parser.add_argument("--heldout-fraction", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    counts = write_world(args.out, args.num_clips, args.seed, args.frame_size, args.heldout_fraction)
+    print(f"wrote {counts} clips to {args.out} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
