@@ -1,0 +1,120 @@
+"""HF HuBERT checkpoint names <-> our parameter paths, and loading a local HF HuBERT directory.
+
+The mapping is one declarative table of ``(hf_template, our_template, transform)`` rows; every
+transform has an inverse in :data:`TRANSFORMS`, so the exporter walks the same table backwards.
+When two HF names map to one path (the positional conv's weight norm), the first row is the
+export form: ``parametrizations.weight.original0/1``; the older ``weight_g``/``weight_v`` names
+(as published for chinese-hubert-large) are accepted on import.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from xemogpt_jax import sharding
+from xemogpt_jax.models import hf_io
+from xemogpt_jax.models.hubert import HubertConfig, HubertModel
+
+# name -> (HF tensor -> ours, ours -> HF tensor)
+TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
+    "linear": (lambda w: w.T, lambda k: k.T),  # torch [out, in] <-> (in, out)
+    "conv": (lambda w: w.transpose(2, 1, 0), lambda k: k.transpose(2, 1, 0)),  # torch [out, in, k] <-> [k, in, out]
+    "weight_norm_g": (lambda g: g.reshape(-1), lambda g: g.reshape(1, 1, -1)),  # torch [1, 1, k] <-> [k]
+}
+
+Rule = tuple[str, str, str | None]
+
+# Layer-relative rows, shared by the backbone and by any module built from HubertEncoderLayer.
+ENCODER_LAYER_RULES: list[Rule] = [
+    *[(f"attention.{p}.weight", f"attention/{p}/kernel", "linear") for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
+    *[(f"attention.{p}.bias", f"attention/{p}/bias", None) for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
+    *[(f"feed_forward.{p}.weight", f"feed_forward/{p}/kernel", "linear") for p in ("intermediate_dense", "output_dense")],
+    *[(f"feed_forward.{p}.bias", f"feed_forward/{p}/bias", None) for p in ("intermediate_dense", "output_dense")],
+    *[(f"{n}.weight", f"{n}/scale", None) for n in ("layer_norm", "final_layer_norm")],
+    *[(f"{n}.bias", f"{n}/bias", None) for n in ("layer_norm", "final_layer_norm")],
+]
+
+_POS = "encoder.pos_conv_embed.conv"
+HUBERT_RULES: list[Rule] = [
+    ("feature_extractor.conv_layers.{i}.conv.weight", "feature_extractor/conv_layers/{i}/kernel", "conv"),
+    ("feature_extractor.conv_layers.{i}.conv.bias", "feature_extractor/conv_layers/{i}/bias", None),
+    ("feature_extractor.conv_layers.{i}.layer_norm.weight", "feature_extractor/conv_layers/{i}/layer_norm/scale", None),
+    ("feature_extractor.conv_layers.{i}.layer_norm.bias", "feature_extractor/conv_layers/{i}/layer_norm/bias", None),
+    ("feature_projection.layer_norm.weight", "feature_projection/layer_norm/scale", None),
+    ("feature_projection.layer_norm.bias", "feature_projection/layer_norm/bias", None),
+    ("feature_projection.projection.weight", "feature_projection/projection/kernel", "linear"),
+    ("feature_projection.projection.bias", "feature_projection/projection/bias", None),
+    (f"{_POS}.parametrizations.weight.original0", "encoder/pos_conv_embed/weight_g", "weight_norm_g"),
+    (f"{_POS}.parametrizations.weight.original1", "encoder/pos_conv_embed/weight_v", "conv"),
+    (f"{_POS}.weight_g", "encoder/pos_conv_embed/weight_g", "weight_norm_g"),
+    (f"{_POS}.weight_v", "encoder/pos_conv_embed/weight_v", "conv"),
+    (f"{_POS}.bias", "encoder/pos_conv_embed/bias", None),
+    ("encoder.layer_norm.weight", "encoder/layer_norm/scale", None),
+    ("encoder.layer_norm.bias", "encoder/layer_norm/bias", None),
+    ("masked_spec_embed", "masked_spec_embed", None),
+    *[(f"encoder.layers.{{i}}.{hf}", f"encoder/layers/{{i}}/{ours}", t) for hf, ours, t in ENCODER_LAYER_RULES],
+]
+
+
+def _compile(rules: list[Rule]) -> list[tuple[re.Pattern[str], str, str | None]]:
+    return [(re.compile(re.escape(hf).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), ours, t) for hf, ours, t in rules]
+
+
+def _to_path(template: str, index: str | None) -> hf_io.StatePath:
+    parts = template.replace("{i}", index or "").split("/")
+    return tuple(int(p) if p.isdigit() else p for p in parts)
+
+
+def make_key_map(rules: list[Rule], prefix: str = "", path_prefix: hf_io.StatePath = ()) -> hf_io.KeyMap:
+    """A key map for ``hf_io.assign``: names under ``prefix`` matched against ``rules``, placed under ``path_prefix``."""
+    compiled = _compile(rules)
+
+    def key_map(name: str) -> hf_io.Target | None:
+        if not name.startswith(prefix):
+            return None
+        name = name[len(prefix) :]
+        for pattern, ours, transform in compiled:
+            match = pattern.match(name)
+            if match:
+                path = path_prefix + _to_path(ours, match.groupdict().get("i"))
+                return hf_io.Target(path, TRANSFORMS[transform][0] if transform else None)
+        return None
+
+    return key_map
+
+
+def hubert_key_map(prefix: str | None = None) -> hf_io.KeyMap:
+    """Key map for a HF HubertModel; ``prefix=None`` accepts bare names and the ``hubert.`` of task heads."""
+    if prefix is not None:
+        return make_key_map(HUBERT_RULES, prefix)
+    bare, headed = make_key_map(HUBERT_RULES), make_key_map(HUBERT_RULES, "hubert.")
+    return lambda name: headed(name) if name.startswith("hubert.") else bare(name)
+
+
+def load_hubert(
+    path: str | Path,
+    *,
+    mesh: Mesh | None = None,
+    prefix: str | None = None,
+    seed: int = 0,
+    **config_overrides,
+) -> tuple[HubertModel, hf_io.LoadReport]:
+    """Build a HubertModel from a local HF directory (config.json + safetensors or pytorch_model.bin).
+
+    Refuses a checkpoint that leaves any parameter unset; keys we do not use (task heads) are reported.
+    """
+    config = HubertConfig.from_hf(hf_io.read_config(path), **config_overrides)
+    def factory() -> HubertModel:
+        return HubertModel(config, rngs=nnx.Rngs(seed))
+
+    model = sharding.create_sharded(factory, mesh) if mesh is not None else factory()
+    report = hf_io.assign(model, hf_io.iter_tensors(path), hubert_key_map(prefix), mesh)
+    if report.missing:
+        raise ValueError(f"{path}: checkpoint does not set {len(report.missing)} parameters: {report.missing[:8]}")
+    return model, report
