@@ -1,0 +1,233 @@
+"""Text generation for :class:`Qwen3ForCausalLM`: greedy, temperature/top-p sampling and beam search.
+
+One jitted function per (model graph, generation config): a prefill over the (left- or
+right-padded) prompt fills a static-size :class:`KVCache`, then a ``while_loop`` decodes one
+token per step. Prompts may be token ids or input embeddings (the multimodal model's path).
+Beam search follows transformers' vectorised ``_beam_search`` step for step (2K candidates,
+finished-hypothesis pool, length penalty, early-stop heuristic) so its best beams agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xemogpt_jax.models.qwen3 import KVCache, Qwen3ForCausalLM
+
+_NEG = -1.0e9
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding options; hashable so each distinct config compiles once."""
+
+    max_new_tokens: int = 32
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+
+    def __post_init__(self):
+        eos = self.eos_token_id
+        object.__setattr__(self, "eos_token_id", tuple(eos) if isinstance(eos, (list, tuple)) else (eos,) if eos is not None else ())
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("beam sampling is not supported; use num_beams=1 with do_sample=True")
+
+
+def generate(
+    model: Qwen3ForCausalLM,
+    input_ids: jax.Array | None = None,
+    *,
+    inputs_embeds: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    config: GenerationConfig = GenerationConfig(),
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """New tokens ``[B, max_new_tokens]`` (the best beam with ``num_beams > 1``), ``pad`` after EOS."""
+    prompt = input_ids if inputs_embeds is None else inputs_embeds
+    if attention_mask is None:
+        attention_mask = jnp.ones(prompt.shape[:2], jnp.int32)
+    if config.do_sample and rng is None:
+        raise ValueError("sampling needs an rng key")
+    rng = jax.random.key(0) if rng is None else rng
+    graphdef, state = nnx.split(model)
+    return _generate_jit(graphdef, state, input_ids, inputs_embeds, attention_mask, rng, config)
+
+
+@partial(jax.jit, static_argnums=(0, 6))
+def _generate_jit(graphdef, state, input_ids, inputs_embeds, attention_mask, rng, config: GenerationConfig):
+    model = nnx.merge(graphdef, state)
+    logits, cache = _prefill(model, input_ids, inputs_embeds, attention_mask, config.max_new_tokens)
+    if config.num_beams > 1:
+        return _beam_search(model, logits, cache, config)
+    return _sample_loop(model, logits, cache, rng, config)
+
+
+def _prefill(model, input_ids, inputs_embeds, attention_mask, max_new_tokens):
+    """Run the prompt once; logits at each row's last real token and the filled cache."""
+    prompt = input_ids if inputs_embeds is None else inputs_embeds
+    batch, length = prompt.shape[:2]
+    cache = model.init_cache(batch, length + max_new_tokens)
+    hidden, cache = model.hidden_states(
+        input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache
+    )
+    last = jnp.max(jnp.where(attention_mask.astype(bool), jnp.arange(length), 0), axis=1)
+    hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    return model.logits(hidden_last), cache
+
+
+def _decode_step(model, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    logits, cache = model(tokens[:, None], attention_mask=jnp.ones((tokens.shape[0], 1), jnp.int32), cache=cache)
+    return logits[:, 0], cache
+
+
+def _is_eos(tokens: jax.Array, config: GenerationConfig) -> jax.Array:
+    hit = jnp.zeros(tokens.shape, bool)
+    for eos in config.eos_token_id:
+        hit = hit | (tokens == eos)
+    return hit
+
+
+def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
+    """Keep the smallest set of tokens whose probability reaches ``top_p`` (HF ``TopPLogitsWarper``)."""
+    sorted_logits = jnp.sort(logits, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = cumulative <= 1.0 - top_p
+    remove_sorted = remove_sorted.at[..., -1].set(False)
+    threshold = jnp.min(jnp.where(remove_sorted, jnp.inf, sorted_logits), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _choose(logits: jax.Array, key: jax.Array, config: GenerationConfig) -> jax.Array:
+    if not config.do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / config.temperature
+    if config.top_p < 1.0:
+        logits = top_p_filter(logits, config.top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _sample_loop(model, logits, cache, rng, config: GenerationConfig) -> jax.Array:
+    """Greedy or sampled decoding; stops early once every row has produced EOS."""
+    batch = logits.shape[0]
+    n = config.max_new_tokens
+    out = jnp.full((batch, n), config.pad_token_id, jnp.int32)
+    first = _choose(logits, jax.random.fold_in(rng, 0), config)
+    out = out.at[:, 0].set(first)
+    done = _is_eos(first, config)
+
+    def cond(carry):
+        step, _, _, done, _ = carry
+        return (step < n) & ~jnp.all(done)
+
+    def body(carry):
+        step, out, tokens, done, cache = carry
+        logits, cache = _decode_step(model, tokens, cache)
+        chosen = _choose(logits, jax.random.fold_in(rng, step), config)
+        chosen = jnp.where(done, config.pad_token_id, chosen)
+        out = jax.lax.dynamic_update_slice(out, chosen[:, None], (0, step))
+        return step + 1, out, chosen, done | _is_eos(chosen, config), cache
+
+    _, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, first, done, cache))
+    return out
+
+
+def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
+    """``x[b, indices[b, j], ...]`` for ``x [B, K, ...]`` and ``indices [B, J]``."""
+    idx = indices.reshape(indices.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def _reorder_cache(cache: KVCache, flat_parents: jax.Array) -> KVCache:
+    return KVCache(
+        k=jnp.take(cache.k, flat_parents, axis=1),
+        v=jnp.take(cache.v, flat_parents, axis=1),
+        mask=jnp.take(cache.mask, flat_parents, axis=0),
+        index=cache.index,
+        lengths=jnp.take(cache.lengths, flat_parents, axis=0),
+    )
+
+
+def _beam_search(model, logits, cache, config: GenerationConfig) -> jax.Array:
+    """transformers' beam search over ``K = num_beams`` beams per row; returns each row's best finished beam."""
+    batch, vocab = logits.shape
+    k, n = config.num_beams, config.max_new_tokens
+    keep = max(2, 1 + len(config.eos_token_id)) * k
+    top_k_mask = jnp.arange(keep) < k
+    cache = _reorder_cache(cache, jnp.repeat(jnp.arange(batch), k))
+    log_probs = jnp.repeat(jax.nn.log_softmax(logits, axis=-1)[:, None], k, axis=1)
+
+    state = dict(
+        running_seq=jnp.full((batch, k, n), config.pad_token_id, jnp.int32),
+        running_scores=jnp.zeros((batch, k)).at[:, 1:].set(_NEG),
+        seqs=jnp.full((batch, k, n), config.pad_token_id, jnp.int32),
+        scores=jnp.full((batch, k), _NEG),
+        finished=jnp.zeros((batch, k), bool),
+        unsatisfied=jnp.ones((batch, 1), bool),
+    )
+
+    def select(step, log_probs, s):
+        """One beam step given the next-token log-probs of the running beams; returns parents too."""
+        accumulated = (log_probs + s["running_scores"][:, :, None]).reshape(batch, k * vocab)
+        topk_scores, topk_idx = jax.lax.top_k(accumulated, keep)
+        parents, tokens = topk_idx // vocab, (topk_idx % vocab).astype(jnp.int32)
+        topk_seq = _gather_beams(s["running_seq"], parents)
+        topk_seq = jax.lax.dynamic_update_slice(topk_seq, tokens[:, :, None], (0, 0, step))
+        hits = _is_eos(tokens, config) | (step + 1 >= n)
+
+        running_candidates = topk_scores + hits.astype(jnp.float32) * _NEG
+        _, next_idx = jax.lax.top_k(running_candidates, k)
+        running_seq = _gather_beams(topk_seq, next_idx)
+        running_scores = _gather_beams(running_candidates, next_idx)
+        next_parents = _gather_beams(parents, next_idx)
+
+        just_finished = hits & top_k_mask[None, :]
+        final = topk_scores / ((step + 1.0) ** config.length_penalty)
+        if config.early_stopping:
+            final = final + jnp.all(s["finished"], axis=-1, keepdims=True).astype(jnp.float32) * _NEG
+        final = final + (~s["unsatisfied"]).astype(jnp.float32) * _NEG
+        final = final + (~just_finished).astype(jnp.float32) * _NEG
+        merged_scores = jnp.concatenate([s["scores"], final], axis=1)
+        _, best = jax.lax.top_k(merged_scores, k)
+        seqs = _gather_beams(jnp.concatenate([s["seqs"], topk_seq], axis=1), best)
+        finished = _gather_beams(jnp.concatenate([s["finished"], just_finished], axis=1), best)
+        scores = _gather_beams(merged_scores, best)
+
+        best_running = running_scores[:, :1] / ((step + 1.0) ** config.length_penalty)
+        worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _NEG)
+        unsatisfied = s["unsatisfied"] & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
+        new = dict(
+            running_seq=running_seq, running_scores=running_scores, seqs=seqs, scores=scores,
+            finished=finished, unsatisfied=unsatisfied,
+        )
+        return new, next_parents, running_seq[:, :, step]
+
+    def still_running(s, step):
+        exists_open = ~(jnp.all(s["finished"]) & config.early_stopping)
+        return (step < n) & jnp.any(s["unsatisfied"]) & exists_open
+
+    state, parents, tokens = select(0, log_probs, state)
+
+    def cond(carry):
+        step, s, _, _, _ = carry
+        return still_running(s, step)
+
+    def body(carry):
+        step, s, parents, tokens, cache = carry
+        flat_parents = (parents + jnp.arange(batch)[:, None] * k).reshape(-1)
+        cache = _reorder_cache(cache, flat_parents)
+        logits, cache = _decode_step(model, tokens.reshape(-1), cache)
+        log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, k, vocab)
+        s, parents, tokens = select(step, log_probs, s)
+        return step + 1, s, parents, tokens, cache
+
+    _, state, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), state, parents, tokens, cache))
+    return state["seqs"][:, 0]
