@@ -13,13 +13,13 @@ frames              uint8 [16, S, S, 3]             16 RGB frames after the CLIP
                                                     independent of the encoder checkpoint. Shape [0, 0, 0, 3] when
                                                     ``has_video`` is False.
 frame_indices       int32 [16]                      which decoded frames were kept: linspace(0, n-1, 16) cast to
-                                                    int; [0] when ``has_video`` is False
+                                                    int; shape [0] when ``has_video`` is False
 audio               int16 [L], L <= 192000          16 kHz mono, the first 12 s only. int16 rather than float32:
                                                     half the bytes, and the sources are 16-bit (or lossy-coded)
                                                     audio, so the 2^-15 quantisation step is far below the signal's
                                                     own noise; HuBERT's feature extractor re-normalises each
                                                     utterance anyway. ``audio_float32`` turns it into [-1, 1).
-                                                    [0] when ``has_audio`` is False.
+                                                    shape [0] when ``has_audio`` is False.
 audio_length        int                             number of valid samples (== len(audio))
 subtitle            str                             transcript shown to the LLM (may be empty)
 description         str                             target cue-level explanation (may be empty for caption data)
