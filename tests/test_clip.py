@@ -56,18 +56,21 @@ def pixels(n: int = 3, size: int = 32, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
 
 
-def padded_text() -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded rows of unequal lengths, each ending in EOS (token ids below the legacy max rule's EOS)."""
+def padded_text(end_token: int, body_low: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded rows of unequal lengths: BOS, body tokens in [body_low, 97), ``end_token``, then padding."""
     rng = np.random.default_rng(1)
     lengths = [5, 9, 3]
     ids = np.zeros((len(lengths), 10), np.int64)
     mask = np.zeros_like(ids)
     for row, n in enumerate(lengths):
         ids[row, 0] = 97
-        ids[row, 1 : n - 1] = rng.integers(3, 90, n - 2)
-        ids[row, n - 1] = EOS
+        ids[row, 1 : n - 1] = rng.integers(body_low, 97, n - 2)
+        ids[row, n - 1] = end_token
         mask[row, :n] = 1
     return ids, mask
+
+
+vision_forward = nnx.jit(lambda model, images: model(images))
 
 
 def assert_close(ours, theirs, atol=1e-4):
@@ -82,27 +85,34 @@ def test_vision_tower_matches_hf(hf_clip_dir):
     with torch.no_grad():
         expected = hf.vision_model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
         image_features = hf.get_image_features(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
-    out = model.vision_model(jnp.asarray(images))
+    out = vision_forward(model.vision_model, jnp.asarray(images))
     assert_close(out.last_hidden_state, expected.last_hidden_state)
     assert_close(out.pooler_output, expected.pooler_output)
     assert_close(out.cls_token, expected.last_hidden_state[:, 0])
-    assert_close(model.get_image_features(jnp.asarray(images)), image_features.pooler_output)
+    features = nnx.jit(lambda m, x: m.get_image_features(x))(model, jnp.asarray(images))
+    assert_close(features, image_features.pooler_output)
 
 
-@pytest.mark.parametrize("eos_token_id", [EOS, 2], ids=["first_eos", "legacy_argmax"])
-def test_text_features_match_hf_on_padded_batch(tmp_path, eos_token_id):
+# first_eos: EOS=50 is never the largest id, so the legacy argmax rule would pool elsewhere.
+# legacy_argmax: config eos_token_id=2 means "pool at the largest id", here the final 98.
+@pytest.mark.parametrize(
+    ("eos_token_id", "end_token", "body_low"), [(50, 50, 51), (2, EOS, 3)], ids=["first_eos", "legacy_argmax"]
+)
+def test_text_features_match_hf_on_padded_batch(tmp_path, eos_token_id, end_token, body_low):
     hf = tiny_hf_clip(eos_token_id)
     hf.save_pretrained(tmp_path)
     model, _ = load_clip(tmp_path)
-    ids, mask = padded_text()
+    ids, mask = padded_text(end_token, body_low)
     with torch.no_grad():
         expected = hf.get_text_features(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-    text = model.text_model(jnp.asarray(ids), jnp.asarray(mask))
+    text, features = nnx.jit(lambda m, i, a: (m.text_model(i, a), m.get_text_features(i, a)))(
+        model, jnp.asarray(ids), jnp.asarray(mask)
+    )
     valid = mask.astype(bool)
     np.testing.assert_allclose(
         np.asarray(text.last_hidden_state)[valid], expected.last_hidden_state.numpy()[valid], atol=1e-4, rtol=0
     )
-    assert_close(model.get_text_features(jnp.asarray(ids), jnp.asarray(mask)), expected.pooler_output)
+    assert_close(features, expected.pooler_output)
 
 
 def test_vision_only_directory_loads_the_tower(tmp_path):
@@ -114,7 +124,7 @@ def test_vision_only_directory_loads_the_tower(tmp_path):
     images = pixels(2)
     with torch.no_grad():
         expected = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
-    out = model(jnp.asarray(images))
+    out = vision_forward(model, jnp.asarray(images))
     assert_close(out.last_hidden_state, expected.last_hidden_state)
     assert_close(out.pooler_output, expected.pooler_output)
 
@@ -128,40 +138,46 @@ def test_key_map_is_invertible_and_covers_every_parameter(hf_clip_dir):
     assert all(key_map(hf_key_for(p)[0]).path == p for p in ours)
 
 
-def test_sharded_vision_forward_equals_single_device(devices):
-    config = CLIPVisionConfig(**TINY_VISION)
-    model = CLIPVisionModel(config, rngs=nnx.Rngs(3))
+def test_sharded_vision_forward_equals_single_device(hf_clip_dir, devices):
+    _, path = hf_clip_dir
     images = pixels(8, seed=2)
-    forward = nnx.jit(lambda m, x: m(x).last_hidden_state)
-    expected = np.asarray(forward(model, jnp.asarray(images)))
+    single, _ = load_clip_vision(path)
+    expected = np.asarray(vision_forward(single, jnp.asarray(images)).last_hidden_state)
 
     mesh = sharding.make_mesh((2, 2, 2))
-    sharded = sharding.shard_model(model, mesh)
+    sharded, _ = load_clip_vision(path, mesh=mesh)
     assert sharded.encoder.layers[0].mlp.fc1.kernel[...].sharding.spec == P("fsdp", "tensor")
     with jax.set_mesh(mesh):
         batch = jax.device_put(images, sharding.batch_sharding(mesh, 4))
-        out = forward(sharded, batch)
+        out = vision_forward(sharded, batch).last_hidden_state
     assert out.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, rtol=0)
 
 
-def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
-    config = CLIPVisionConfig(**TINY_VISION)
-    fp32 = CLIPVisionModel(config, rngs=nnx.Rngs(4))
-    bf16 = CLIPVisionModel(config, rngs=nnx.Rngs(4), dtype=jnp.bfloat16)
+def test_bf16_compute_keeps_fp32_params_and_tracks_fp32(hf_clip_dir):
+    _, path = hf_clip_dir
+    fp32, _ = load_clip_vision(path)
+    bf16, _ = load_clip_vision(path, dtype=jnp.bfloat16)
     assert bf16.encoder.layers[0].mlp.fc1.kernel[...].dtype == jnp.float32
     images = jnp.asarray(pixels(2))
-    out = bf16(images).last_hidden_state
+    out = vision_forward(bf16, images).last_hidden_state
     assert out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(fp32(images).last_hidden_state), atol=0.1)
+    reference = vision_forward(fp32, images).last_hidden_state
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(reference), atol=0.1, rtol=0.02)
 
 
 def test_encoder_layer_applies_the_attention_bias():
-    layer = CLIPEncoderLayer(CLIPVisionConfig(**TINY_VISION), rngs=nnx.Rngs(5))
-    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 4, 32)), jnp.float32)
+    layer = nnx.eval_shape(lambda: CLIPEncoderLayer(CLIPVisionConfig(**TINY_VISION), rngs=nnx.Rngs(5)))
+    rng = np.random.default_rng(6)
+    for _, variable in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
+        variable.set_value(jnp.asarray(rng.standard_normal(variable.get_value().shape) * 0.2, jnp.float32))
+    x = jnp.asarray(rng.standard_normal((2, 4, 32)), jnp.float32)
     # Blocking key 3 for every query must equal running the first three tokens alone.
     bias = jnp.where(jnp.arange(4) < 3, 0.0, -1e9)[None, None, None, :]
-    np.testing.assert_allclose(np.asarray(layer(x, bias)[:, :3]), np.asarray(layer(x[:, :3])), atol=1e-5, rtol=0)
+    apply = nnx.jit(lambda layer, x, bias: layer(x, bias))
+    np.testing.assert_allclose(
+        np.asarray(apply(layer, x, bias)[:, :3]), np.asarray(apply(layer, x[:, :3], None)), atol=1e-5, rtol=0
+    )
 
 
 OPENAI_CLIP_VIT_L14 = dict(
