@@ -1,13 +1,15 @@
 """Decode one clip's media with PyAV: 16 CLIP-cropped frames and 16 kHz mono int16 audio (first 12 s).
 
 Frame sampling follows the paper: every frame is decoded, then indices linspace(0, n_frames - 1, 16) cast to
-int are kept. Only the kept frames are converted to RGB (the others stay as decoded YUV frames), so a long
-clip costs decode time but not RGB memory.
+int are kept. Only the kept frames are converted to RGB. Decoded YUV frames are buffered up to
+``max_buffered_frames``; a longer clip is decoded twice instead (count, then keep the sampled frames), so memory
+stays bounded whatever the clip length.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,24 +52,44 @@ def _open(path: Path) -> av.container.InputContainer:
         raise MediaError(path, f"corrupt or unreadable media ({error.strerror or error})") from error
 
 
-def decode_video(path: str | os.PathLike, frame_size: int = 224, num_frames: int = NUM_FRAMES) -> DecodedVideo:
-    """All frames decoded, ``num_frames`` kept at linspace indices, CLIP resize + centre crop to ``frame_size``."""
-    path = Path(path)
+def _decoded_frames(path: Path) -> Iterator[av.VideoFrame]:
     with _open(path) as container:
         if not container.streams.video:
             raise MediaError(path, "no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         try:
-            decoded = list(container.decode(stream))
+            yield from container.decode(stream)
         except av.error.FFmpegError as error:
             raise MediaError(path, f"corrupt video stream ({error.strerror or error})") from error
-        if not decoded:
-            raise MediaError(path, "zero length (no decodable video frames)")
-        indices = sample_frame_indices(len(decoded), num_frames)
-        rgb = np.stack([decoded[i].to_ndarray(format="rgb24") for i in indices])
+
+
+def decode_video(path: str | os.PathLike, frame_size: int = 224, num_frames: int = NUM_FRAMES,
+                 max_buffered_frames: int = 1024) -> DecodedVideo:
+    """All frames decoded, ``num_frames`` kept at linspace indices, CLIP resize + centre crop to ``frame_size``."""
+    path = Path(path)
+    buffered: list[av.VideoFrame] = []
+    count = 0
+    for frame in _decoded_frames(path):
+        count += 1
+        if count <= max_buffered_frames:
+            buffered.append(frame)
+        elif buffered:
+            buffered.clear()
+    if count == 0:
+        raise MediaError(path, "zero length (no decodable video frames)")
+    indices = sample_frame_indices(count, num_frames)
+    if count <= max_buffered_frames:
+        kept = [buffered[i] for i in indices]
+    else:
+        wanted = set(indices.tolist())
+        by_index = {i: frame for i, frame in enumerate(_decoded_frames(path)) if i in wanted}
+        if len(by_index) != len(wanted):
+            raise MediaError(path, f"second decode pass gave fewer than the {count} frames of the first")
+        kept = [by_index[i] for i in indices]
+    rgb = np.stack([frame.to_ndarray(format="rgb24") for frame in kept])
     return DecodedVideo(resize_and_center_crop(rgb, size=frame_size, crop=frame_size), indices.astype(np.int32),
-                        len(decoded))
+                        count)
 
 
 def decode_audio(path: str | os.PathLike, max_samples: int = MAX_AUDIO_SAMPLES) -> np.ndarray:

@@ -62,6 +62,14 @@ def test_real_clip_frames_match_reference_indices_and_independent_decode(real_re
     np.testing.assert_array_equal(real_record["frames"], independent_frames(CLIP, REFERENCE_INDICES, FRAME_SIZE))
 
 
+def test_long_clip_two_pass_decode_gives_the_same_frames(real_record):
+    """Past max_buffered_frames the decoder counts first and decodes again; the sampled frames must not change."""
+    video = decode_video(CLIP, frame_size=FRAME_SIZE, max_buffered_frames=10)
+    assert video.num_decoded_frames == 116
+    np.testing.assert_array_equal(video.frame_indices, real_record["frame_indices"])
+    np.testing.assert_array_equal(video.frames, real_record["frames"])
+
+
 def test_real_clip_audio_matches_provided_wav(real_record):
     """The mp4's AAC track resampled by us vs the provided 16 kHz wav: within 2 LSB of int16, same alignment."""
     reference = read_wav_int16(WAV)
