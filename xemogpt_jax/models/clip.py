@@ -98,7 +98,9 @@ class CLIPConfig:
 class CLIPAttention(nnx.Module):
     """Multi-head self-attention with an optional additive bias broadcastable to [B, heads, Tq, Tk]."""
 
-    def __init__(self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32):
+    def __init__(
+        self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
+    ):
         width = config.hidden_size
         kwargs = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Linear(width, width, axes=("embed", "heads"), **kwargs)
@@ -108,20 +110,24 @@ class CLIPAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
 
+    def _split_heads(self, y: jax.Array) -> jax.Array:
+        return y.reshape(*y.shape[:-1], self.num_heads, self.head_dim)
+
     def __call__(self, x: jax.Array, attention_bias: jax.Array | None = None) -> jax.Array:
-        batch, length, _ = x.shape
-        split = lambda y: y.reshape(batch, length, self.num_heads, self.head_dim)  # noqa: E731
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
+        """Scores and softmax in fp32 whatever the compute dtype, as HF's eager attention does."""
+        q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.head_dim**-0.5
         if attention_bias is not None:
             scores = scores + attention_bias.astype(jnp.float32)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, -1)
-        return self.out_proj(out)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return self.out_proj(out.reshape(*x.shape[:-1], -1))
 
 
 class CLIPMLP(nnx.Module):
-    def __init__(self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32):
+    def __init__(
+        self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
+    ):
         kwargs = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.fc1 = Linear(config.hidden_size, config.intermediate_size, axes=("embed", "mlp"), **kwargs)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size, axes=("mlp", "embed"), **kwargs)
@@ -134,7 +140,9 @@ class CLIPMLP(nnx.Module):
 class CLIPEncoderLayer(nnx.Module):
     """Pre-LN layer: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
 
-    def __init__(self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32):
+    def __init__(
+        self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
+    ):
         kwargs = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.self_attn = CLIPAttention(config, **kwargs)
         self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=param_dtype)
@@ -150,7 +158,9 @@ class CLIPEncoderLayer(nnx.Module):
 class CLIPEncoder(nnx.Module):
     """A stack of ``num_hidden_layers`` encoder layers (a Python loop: 24 layers compile quickly)."""
 
-    def __init__(self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32):
+    def __init__(
+        self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
+    ):
         self.layers = nnx.List(
             CLIPEncoderLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
             for _ in range(config.num_hidden_layers)
@@ -175,11 +185,12 @@ class CLIPVisionOutput(NamedTuple):
 class CLIPVisionEmbeddings(nnx.Module):
     """Non-overlapping patch projection (a stride-p convolution as one matmul), CLS token, positions."""
 
-    def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32):
+    def __init__(
+        self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
+    ):
         p, width = config.patch_size, config.hidden_size
-        self.patch_kernel = param(
-            rngs, default_init, (p, p, config.num_channels, width), ("kernel", "kernel", "conv_in", "embed"), param_dtype
-        )
+        patch_shape = (p, p, config.num_channels, width)
+        self.patch_kernel = param(rngs, default_init, patch_shape, ("kernel", "kernel", "conv_in", "embed"), param_dtype)
         self.class_embedding = param(rngs, default_init, (width,), ("embed",), param_dtype)
         self.position_embedding = Embed(
             config.num_patches + 1, width, rngs=rngs, axes=("length", "embed"), param_dtype=param_dtype
@@ -205,7 +216,9 @@ class CLIPVisionEmbeddings(nnx.Module):
 class CLIPVisionModel(nnx.Module):
     """The ViT tower: embeddings, pre-layernorm, encoder, post-layernorm on the CLS token."""
 
-    def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32):
+    def __init__(
+        self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
+    ):
         kwargs = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.config = config
         self.embeddings = CLIPVisionEmbeddings(config, **kwargs)
@@ -227,12 +240,18 @@ class CLIPTextOutput(NamedTuple):
 class CLIPTextModel(nnx.Module):
     """The causal text tower; pools at the EOS position exactly as HF ``CLIPTextModel`` does."""
 
-    def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32):
+    def __init__(
+        self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
+    ):
         self.config = config
         self.dtype = dtype
         self.token_embedding = Embed(config.vocab_size, config.hidden_size, rngs=rngs, param_dtype=param_dtype)
         self.position_embedding = Embed(
-            config.max_position_embeddings, config.hidden_size, rngs=rngs, axes=("length", "embed"), param_dtype=param_dtype
+            config.max_position_embeddings,
+            config.hidden_size,
+            rngs=rngs,
+            axes=("length", "embed"),
+            param_dtype=param_dtype,
         )
         self.encoder = CLIPEncoder(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=param_dtype)
@@ -240,10 +259,11 @@ class CLIPTextModel(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
         batch, length = input_ids.shape
         if length > self.config.max_position_embeddings:
-            raise ValueError(f"text length {length} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+            limit = self.config.max_position_embeddings
+            raise ValueError(f"text length {length} exceeds max_position_embeddings {limit}")
         dtype = self.dtype or self.token_embedding.embedding[...].dtype
         x = self.token_embedding(input_ids, dtype) + self.position_embedding(jnp.arange(length), dtype)
-        x = self.final_layer_norm(self.encoder(constrain(x, HIDDEN_AXES), causal_bias(attention_mask, length, dtype)))
+        x = self.final_layer_norm(self.encoder(constrain(x, HIDDEN_AXES), causal_bias(attention_mask, length)))
         return CLIPTextOutput(last_hidden_state=x, pooler_output=x[jnp.arange(batch), self.eos_positions(input_ids)])
 
     def eos_positions(self, input_ids: jax.Array) -> jax.Array:
@@ -254,18 +274,20 @@ class CLIPTextModel(nnx.Module):
         return jnp.argmax(input_ids == self.config.eos_token_id, axis=-1)
 
 
-def causal_bias(attention_mask: jax.Array | None, length: int, dtype: jnp.dtype) -> jax.Array:
-    """Additive [B or 1, 1, T, T] bias: a query sees keys at or before it that the padding mask keeps."""
+def causal_bias(attention_mask: jax.Array | None, length: int) -> jax.Array:
+    """Additive fp32 [B or 1, 1, T, T] bias: a query sees keys at or before it that the padding mask keeps."""
     allowed = jnp.tril(jnp.ones((length, length), bool))[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
-    return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)
+    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
 
 
 class CLIPModel(nnx.Module):
     """Both towers and their projections into the shared embedding space (HF ``CLIPModel``)."""
 
-    def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32):
+    def __init__(
+        self, config: CLIPConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
+    ):
         kwargs = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.config = config
         self.text_model = CLIPTextModel(config.text, **kwargs)
