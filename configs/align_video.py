@@ -1,0 +1,58 @@
+"""Stage 1: VECB pretraining (L_cva + l1 L_ftd + l2 L_mfm) with CLIP frozen.
+
+``--config=configs/align_video.py`` is paper scale (CLIP ViT-L/14 @224, 16 frames);
+``--config=configs/align_video.py:tiny`` fits a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def clip_architecture(variant: str) -> ml_collections.ConfigDict:
+    """HF ``CLIPConfig`` fields; used when ``init_from.clip`` is empty (else the folder's config.json wins)."""
+    if variant == "tiny":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=64, patch_size=16, hidden_act="quick_gelu")
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    vocab_size=2048, max_position_embeddings=77, eos_token_id=2, hidden_act="quick_gelu")
+        return ml_collections.ConfigDict(dict(vision_config=vision, text_config=text, projection_dim=32))
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=224, patch_size=14, hidden_act="quick_gelu")
+    text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                vocab_size=49408, max_position_embeddings=77, eos_token_id=49407, hidden_act="quick_gelu")
+    return ml_collections.ConfigDict(dict(vision_config=vision, text_config=text, projection_dim=768))
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    variant = common.check_variant(variant)
+    c = common.base_config("align_video")
+    c.variant = variant
+    c.init_from.clip = ""  # HF folder of openai/clip-vit-large-patch14
+    c.init_from.tokenizer = ""  # tokenizer folder for the captions ("" = the CLIP folder's)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.clip = clip_architecture(variant)
+    c.model.num_frames = 16
+    c.model.bridge_layers = 2
+    c.model.align_dim = 768
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.tau_init = 0.07  # CLIP's initial temperature; learnable through a log-scale parameter [reconstructed]
+    c.loss.max_logit_scale = 100.0  # CLIP's clip on 1/tau
+    c.loss.ftd_weight = 1.0  # l1 [reconstructed]
+    c.loss.mfm_weight = 1.0  # l2 [reconstructed]
+    c.loss.mask_ratio = 0.5
+
+    c.data.max_text_tokens = 77
+    c.optim.learning_rate = 1e-4  # [reconstructed]
+    c.data.batch_size = 256  # [reconstructed]
+    c.train.steps = 20_000  # [reconstructed]
+    if variant == "tiny":
+        common.tiny_overrides(c)
+        c.model.align_dim = 32
+        c.model.num_frames = 16
+        c.train.steps = 150
+    return c

@@ -1,0 +1,70 @@
+"""Stage 3: instruction tuning (causal-LM loss on the target tokens).
+
+Trains LoRA on q/k/v of the LLM, the video and audio projections, and the bridges under the
+modality rule (VECB learns from video and audio+video samples, AECB from audio and audio+video).
+``--config=configs/sft.py`` is paper scale (Qwen3-4B, LoRA r=512/alpha=512, 16 frames, 12 s,
+context 2048); ``--config=configs/sft.py:tiny`` fits a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import align_audio, align_video, common
+
+
+def llm_architecture(variant: str) -> ml_collections.ConfigDict:
+    """HF ``Qwen3Config`` fields; used when ``init_from.llm`` is empty (else the folder's config.json wins)."""
+    if variant == "tiny":
+        return ml_collections.ConfigDict(dict(
+            model_type="qwen3", vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+            max_position_embeddings=4096, tie_word_embeddings=True,
+        ))
+    return ml_collections.ConfigDict(dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        max_position_embeddings=40960, tie_word_embeddings=True,
+    ))
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    variant = common.check_variant(variant)
+    c = common.base_config("sft")
+    c.variant = variant
+    c.init_from.llm = ""  # HF folder of Qwen/Qwen3-4B (or Qwen2.5-7B-Instruct)
+    c.init_from.clip = ""
+    c.init_from.hubert = ""
+    c.init_from.video_bridge = ""  # stage-1 workdir (its checkpoints/ hold VECB + heads)
+    c.init_from.audio_bridge = ""  # stage-2 workdir
+    c.init_from.tokenizer = ""  # "" = the LLM folder's tokenizer
+
+    c.model = ml_collections.ConfigDict()
+    c.model.llm = llm_architecture(variant)
+    c.model.clip = align_video.clip_architecture(variant)
+    c.model.hubert = align_audio.hubert_architecture(variant)
+    c.model.bridge_layers = 2
+    c.model.num_frames = 16
+    c.model.remat = True  # rematerialise LLM layers in the backward pass
+    c.model.lora = ml_collections.ConfigDict(dict(rank=512, alpha=512.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))
+    c.model.train_bridges = True  # False: bridges frozen in stage 3
+
+    c.data.max_audio_seconds = 12.0
+    c.data.max_context = 2048
+    c.data.length_buckets = (256, 512, 768, 1024, 1536, 2048, 2560, 3072)
+    c.optim.learning_rate = 2e-5  # [reconstructed]
+    c.optim.warmup_steps = 200  # [reconstructed]
+    c.optim.weight_decay = 0.0  # LoRA fine-tuning without decay [reconstructed]
+    c.data.batch_size = 32  # [reconstructed]
+    c.optim.accum_steps = 1
+    c.train.steps = 5_000  # [reconstructed]
+    if variant == "tiny":
+        common.tiny_overrides(c)
+        c.model.remat = False
+        c.model.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj")))
+        c.data.max_audio_seconds = 3.0
+        c.data.max_context = 512
+        c.data.length_buckets = (256, 384, 512)
+        c.optim.learning_rate = 2e-3
+        c.train.steps = 200
+    return c

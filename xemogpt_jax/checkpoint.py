@@ -1,0 +1,146 @@
+"""The one module that touches Orbax: save, restore and inspect training checkpoints.
+
+A checkpoint step holds four items, written together:
+
+- ``state``: the trainable parameters, the optimizer state, the step counter and the RNG key
+  (everything of the train state except frozen weights, which are rebuilt from ``init_from``),
+- ``data``: every process's data-iterator state (Grain ``get_state``), as JSON,
+- ``config``: the run's config, as JSON,
+- metrics (``eval_loss``) in the manager's own metadata, used to keep the best checkpoint.
+
+Restoring takes an abstract target whose leaves carry the CURRENT mesh's shardings, so a
+checkpoint written on one mesh shape loads onto any other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from orbax.checkpoint._src.checkpoint_managers import preservation_policy as preservation
+
+STATE, DATA, CONFIG = "state", "data", "config"
+EVAL_METRIC = "eval_loss"
+
+
+class Checkpointer:
+    """Saves every ``every_steps``, keeps the latest ``keep`` and the best by eval loss."""
+
+    def __init__(self, directory: str | Path, *, every_steps: int, keep: int, keep_best: bool, async_save: bool):
+        policies: list[Any] = [preservation.LatestN(n=keep)]
+        if keep_best:
+            policies.append(
+                preservation.BestN(
+                    get_metric_fn=lambda metrics: metrics[EVAL_METRIC],
+                    reverse=True,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every_steps,
+            preservation_policy=preservation.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, CONFIG))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: str,
+        config: dict[str, Any],
+        *,
+        eval_loss: float | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save if the interval says so (or ``force``); collective across processes. Returns whether it saved.
+
+        ``data_state`` is this process's iterator state; all processes' states are gathered and
+        stored together so each process finds its own on restore.
+        """
+        if not (force or self.manager.should_save(step)):
+            return False
+        metrics = None if eval_loss is None else {EVAL_METRIC: float(eval_loss)}
+        args = ocp.args.Composite(
+            **{
+                STATE: ocp.args.StandardSave(state),
+                DATA: ocp.args.JsonSave(gather_process_strings(data_state)),
+                CONFIG: ocp.args.JsonSave(config),
+            }
+        )
+        return self.manager.save(step, args=args, metrics=metrics, force=force)
+
+    def restore(self, step: int | None, abstract_state: Any) -> tuple[int, Any, str | None]:
+        """(step, state placed on ``abstract_state``'s shardings, this process's data-iterator state)."""
+        step = self.manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore()}),
+        )
+        data_states = restored[DATA] or []
+        data_state = data_states[jax.process_index()] if jax.process_index() < len(data_states) else None
+        return step, restored[STATE], data_state
+
+    def wait(self) -> None:
+        """Block until pending async saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_config(directory: str | Path, step: int | None = None) -> dict[str, Any]:
+    """The config a checkpoint was trained with."""
+    with ocp.CheckpointManager(Path(directory).absolute(), item_names=(CONFIG,)) as manager:
+        step = manager.latest_step() if step is None else step
+        return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+
+def restore_state_item(directory: str | Path, abstract_state: Any, step: int | None = None) -> Any:
+    """Only the ``state`` item (used to initialise stage 3 from the stage 1-2 bridge checkpoints).
+
+    ``abstract_state`` may be a subtree-compatible target with shardings; ``None`` restores as saved.
+    """
+    with ocp.CheckpointManager(Path(directory).absolute(), item_names=(STATE,)) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        restore = ocp.args.StandardRestore(abstract_state)
+        return manager.restore(step, args=ocp.args.Composite(**{STATE: restore}))[STATE]
+
+
+def gather_process_strings(text: str) -> list[str]:
+    """Every process's ``text``, in process order (a no-op gather on one process)."""
+    if jax.process_count() == 1:
+        return [text]
+    encoded = np.frombuffer(text.encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([encoded.size], np.int32))
+    padded = np.zeros(int(np.max(lengths)), np.uint8)
+    padded[: encoded.size] = encoded
+    gathered = multihost_utils.process_allgather(padded)
+    return [bytes(row[: int(n)]).decode() for row, n in zip(gathered, np.ravel(lengths))]
+
+
+def to_json(config: Any) -> dict[str, Any]:
+    """A JSON-safe dict of a ConfigDict (tuples become lists)."""
+    return json.loads(config.to_json_best_effort())
