@@ -30,12 +30,18 @@ TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.nda
 
 Rule = tuple[str, str, str | None]
 
+_LAYER_LINEARS = (
+    "attention.q_proj",
+    "attention.k_proj",
+    "attention.v_proj",
+    "attention.out_proj",
+    "feed_forward.intermediate_dense",
+    "feed_forward.output_dense",
+)
 # Layer-relative rows, shared by the backbone and by any module built from HubertEncoderLayer.
 ENCODER_LAYER_RULES: list[Rule] = [
-    *[(f"attention.{p}.weight", f"attention/{p}/kernel", "linear") for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
-    *[(f"attention.{p}.bias", f"attention/{p}/bias", None) for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
-    *[(f"feed_forward.{p}.weight", f"feed_forward/{p}/kernel", "linear") for p in ("intermediate_dense", "output_dense")],
-    *[(f"feed_forward.{p}.bias", f"feed_forward/{p}/bias", None) for p in ("intermediate_dense", "output_dense")],
+    *[(f"{p}.weight", f"{p.replace('.', '/')}/kernel", "linear") for p in _LAYER_LINEARS],
+    *[(f"{p}.bias", f"{p.replace('.', '/')}/bias", None) for p in _LAYER_LINEARS],
     *[(f"{n}.weight", f"{n}/scale", None) for n in ("layer_norm", "final_layer_norm")],
     *[(f"{n}.bias", f"{n}/bias", None) for n in ("layer_norm", "final_layer_norm")],
 ]
@@ -72,7 +78,7 @@ def _to_path(template: str, index: str | None) -> hf_io.StatePath:
 
 
 def make_key_map(rules: list[Rule], prefix: str = "", path_prefix: hf_io.StatePath = ()) -> hf_io.KeyMap:
-    """A key map for ``hf_io.assign``: names under ``prefix`` matched against ``rules``, placed under ``path_prefix``."""
+    """A key map for ``hf_io.assign``: names under ``prefix`` matched to ``rules``, paths under ``path_prefix``."""
     compiled = _compile(rules)
 
     def key_map(name: str) -> hf_io.Target | None:

@@ -64,7 +64,7 @@ def preprocess_audio(
     ``max_samples=None`` keeps whole clips (plain HF behaviour).
     """
     if sampling_rate != config.sampling_rate:
-        raise ValueError(f"audio is sampled at {sampling_rate} Hz, the feature extractor expects {config.sampling_rate}")
+        raise ValueError(f"audio is at {sampling_rate} Hz, the feature extractor expects {config.sampling_rate} Hz")
     if not waveforms:
         raise ValueError("preprocess_audio needs at least one waveform")
     clips = [first_seconds(np.asarray(w, dtype=np.float32), max_samples or len(w)) for w in waveforms]
