@@ -48,7 +48,7 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -381,26 +381,36 @@ def make_clip(seed: int, split: str, index: int, frame_size: int = 64) -> tuple[
     return latents, record
 
 
-def write_split(records: Sequence[dict[str, Any]], out: Path, fingerprint: dict[str, Any],
+def write_split(records: Iterable[dict[str, Any]], num_records: int, out: Path, fingerprint: dict[str, Any],
                 records_per_shard: int = 256) -> dict[str, Any]:
-    """Write records as ArrayRecord shards plus ``manifest.json`` in the layout of ``data_pipelines.build``."""
+    """Stream records into ArrayRecord shards plus ``manifest.json`` in the layout of ``data_pipelines.build``."""
     out.mkdir(parents=True, exist_ok=True)
-    num_shards = max(1, -(-len(records) // records_per_shard))
+    records = iter(records)
+    num_shards = max(1, -(-num_records // records_per_shard))
     shards = []
     for index in range(num_shards):
-        span = (index * records_per_shard, min(len(records), (index + 1) * records_per_shard))
+        span = (index * records_per_shard, min(num_records, (index + 1) * records_per_shard))
         name = shard_name(index, num_shards)
         writer = ArrayRecordWriter(str(out / name), "group_size:1")
-        for record in records[span[0]:span[1]]:
+        for record in itertools.islice(records, span[1] - span[0]):
             writer.write(schema.encode_record(record))
         writer.close()
         shards.append({"index": index, "file": name, "positions": list(span), "num_records": span[1] - span[0],
                        "skipped": [], "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()})
-    manifest = {"schema_version": schema.SCHEMA_VERSION, "complete": True, "num_annotation_rows": len(records),
-                "num_records": len(records), "num_skipped": 0, "writer_options": "group_size:1",
+    manifest = {"schema_version": schema.SCHEMA_VERSION, "complete": True, "num_annotation_rows": num_records,
+                "num_records": num_records, "num_skipped": 0, "writer_options": "group_size:1",
                 "fingerprint": fingerprint, "shards": shards}
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def split_records(seed: int, split: str, count: int, frame_size: int,
+                  ground_truth: dict[str, dict[str, list[str]]]) -> Iterator[dict[str, Any]]:
+    """The split's records in order (generated lazily), noting each clip's cue lists in ``ground_truth``."""
+    for index in range(count):
+        latents, record = make_clip(seed, split, index, frame_size)
+        ground_truth[latents.clip_id] = record["cues"]
+        yield record
 
 
 def corpus(seed: int = 0, num_clips: int = 2000) -> list[str]:
@@ -420,14 +430,10 @@ def write_world(out: Path, num_clips: int = 1000, seed: int = 0, frame_size: int
     num_heldout = max(1, int(round(num_clips * heldout_fraction))) if num_clips > 1 else 0
     counts = {"train": num_clips - num_heldout, "heldout": num_heldout}
     for split, count in counts.items():
-        ground_truth = {}
-        records = []
-        for index in range(count):
-            latents, record = make_clip(seed, split, index, frame_size)
-            ground_truth[latents.clip_id] = record["cues"]
-            records.append(record)
+        ground_truth: dict[str, dict[str, list[str]]] = {}
         fingerprint = {"generator": "data_pipelines.synth", "seed": seed, "split": split, "frame_size": frame_size}
-        write_split(records, out / split, fingerprint, records_per_shard)
+        records = split_records(seed, split, count, frame_size, ground_truth)
+        write_split(records, count, out / split, fingerprint, records_per_shard)
         (out / f"{split}_cues.json").write_text(json.dumps(ground_truth, indent=1))
     train_world_tokenizer(out / "tokenizer", corpus(seed))
     return counts
