@@ -24,22 +24,33 @@ def tiny(tmp_path_factory):
     return hf_model, model
 
 
-def _hf_new_tokens(hf_model, ids, mask, n, **kwargs) -> np.ndarray:
+def _hf_new_tokens(hf_model, ids, mask, n, eos=EOS, **kwargs) -> np.ndarray:
     with torch.no_grad():
         out = hf_model.generate(
             input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-            max_new_tokens=n, pad_token_id=PAD, eos_token_id=EOS, do_sample=False, **kwargs,
+            max_new_tokens=n, pad_token_id=PAD, eos_token_id=eos, do_sample=False, **kwargs,
         )
     new = out[:, ids.shape[1]:].numpy()
     return np.pad(new, ((0, 0), (0, n - new.shape[1])), constant_values=PAD)
 
 
+def _emitted_eos(hf_model, ids, mask, n, **kwargs) -> tuple[int, np.ndarray]:
+    """A token the tiny model emits mid-way in its last row (it never emits the configured EOS), used as
+    EOS so the comparison covers finished rows and the finished-beam pool; returns it with transformers' output under it."""
+    free_running = _hf_new_tokens(hf_model, ids, mask, n, **kwargs)
+    eos = int(free_running[-1, n // 2])
+    expected = _hf_new_tokens(hf_model, ids, mask, n, eos=eos, **kwargs)
+    assert not np.array_equal(expected, free_running), "the chosen EOS must change the outcome"
+    return eos, expected
+
+
 def test_greedy_matches_transformers_and_all_prompt_forms_agree(tiny):
     hf_model, model = tiny
     ids, mask = padded_batch([9, 4, 6], 9, left=True, seed=5)
-    config = GenerationConfig(max_new_tokens=32, eos_token_id=EOS, pad_token_id=PAD)
+    eos, expected = _emitted_eos(hf_model, ids, mask, 32)
+    config = GenerationConfig(max_new_tokens=32, eos_token_id=eos, pad_token_id=PAD)
     ours = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=config))
-    np.testing.assert_array_equal(ours, _hf_new_tokens(hf_model, ids, mask, 32))
+    np.testing.assert_array_equal(ours, expected)
 
     from_embeds = generate(
         model, inputs_embeds=model.embed(jnp.asarray(ids)), attention_mask=jnp.asarray(mask), config=config
@@ -53,10 +64,13 @@ def test_greedy_matches_transformers_and_all_prompt_forms_agree(tiny):
 def test_beam_search_best_sequences_match_transformers(tiny):
     hf_model, model = tiny
     ids, mask = padded_batch([5, 3], 5, left=True, seed=7)
-    config = GenerationConfig(max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD, num_beams=4)
+    eos, expected = _emitted_eos(hf_model, ids, mask, 10, num_beams=4)
+    config = GenerationConfig(max_new_tokens=10, eos_token_id=eos, pad_token_id=PAD, num_beams=4)
     ours = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=config))
-    expected = _hf_new_tokens(hf_model, ids, mask, 10, num_beams=4)
     np.testing.assert_array_equal(ours, expected)
+    no_eos = GenerationConfig(max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD, num_beams=4)
+    ours = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=no_eos))
+    np.testing.assert_array_equal(ours, _hf_new_tokens(hf_model, ids, mask, 10, num_beams=4))
 
 
 def test_top_p_filter_matches_transformers_warper():
