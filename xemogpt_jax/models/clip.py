@@ -12,7 +12,7 @@ almost one to one.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import jax
 import jax.numpy as jnp
@@ -45,13 +45,15 @@ class CLIPEncoderConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf(cls, config: dict[str, Any]):
+    def from_hf(cls, config: dict[str, Any]) -> Self:
         """Build from a HF config dict, ignoring keys this port does not use."""
         return cls(**_known_fields(cls, config))
 
 
 @dataclass(frozen=True)
 class CLIPVisionConfig(CLIPEncoderConfig):
+    """HF ``CLIPVisionConfig`` fields the ViT uses (defaults are HF's)."""
+
     num_channels: int = 3
     image_size: int = 224
     patch_size: int = 32
@@ -63,6 +65,8 @@ class CLIPVisionConfig(CLIPEncoderConfig):
 
 @dataclass(frozen=True)
 class CLIPTextConfig(CLIPEncoderConfig):
+    """HF ``CLIPTextConfig`` fields the text tower uses; ``eos_token_id == 2`` selects HF's legacy pooling."""
+
     hidden_size: int = 512
     intermediate_size: int = 2048
     num_attention_heads: int = 8
@@ -71,7 +75,7 @@ class CLIPTextConfig(CLIPEncoderConfig):
     eos_token_id: int = 49407
 
     @classmethod
-    def from_hf(cls, config: dict[str, Any]):
+    def from_hf(cls, config: dict[str, Any]) -> Self:
         if not isinstance(config.get("eos_token_id", cls.eos_token_id), int):
             raise ValueError(f"CLIP text eos_token_id must be one int, got {config['eos_token_id']!r}")
         return super().from_hf(config)
@@ -79,6 +83,8 @@ class CLIPTextConfig(CLIPEncoderConfig):
 
 @dataclass(frozen=True)
 class CLIPConfig:
+    """HF ``CLIPConfig``: both towers and the shared projection width."""
+
     text: CLIPTextConfig = CLIPTextConfig()
     vision: CLIPVisionConfig = CLIPVisionConfig()
     projection_dim: int = 512
