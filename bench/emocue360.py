@@ -1,0 +1,93 @@
+"""Cues/s of EmoCue-360 scoring: our JAX MiniLM port vs sentence-transformers (PyTorch), same cue files.
+
+Both runs go through the same ``emocue360.score`` (dedupe, embed, match); only the embedder differs.
+The cue files are synthetic but cue-shaped (5-15 words, ~4 cues per axis). Ours is timed after one
+warm-up run that compiles every (rows, length bucket) shape; the first-run time is printed too.
+
+    python -m bench.emocue360 [--samples 300] [--batch-size 128] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+
+from xemogpt_jax import emocue360
+
+SUBJECTS = ["The man", "The woman", "She", "He", "The speaker", "The person", "The child", "Her voice", "His tone"]
+VERBS = ["frowns", "smiles", "looks away", "speaks slowly", "raises her eyebrows", "sighs deeply", "trembles",
+         "clenches his fists", "laughs nervously", "shouts", "whispers", "nods", "avoids eye contact", "pauses"]
+DETAILS = ["while talking", "at the end", "several times", "with a low pitch", "in a quiet room", "quickly",
+           "without looking at the camera", "as the music fades", "and then stops", "with a shaky breath", ""]
+EMOTIONS = ["angry", "sad", "happy", "anxious", "surprised", "calm", "frustrated", "disappointed", "relieved"]
+
+
+def synthetic_cue_files(samples: int, seed: int = 0) -> tuple[dict, dict]:
+    rng = random.Random(seed)
+
+    def cue() -> str:
+        return f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(DETAILS)}".strip() + "."
+
+    def entry() -> dict[str, list[str]]:
+        return {
+            "visual": [cue() for _ in range(rng.randint(2, 6))],
+            "auditory": [cue() for _ in range(rng.randint(1, 5))],
+            "emotional": [f"{rng.choice(SUBJECTS)} seems {rng.choice(EMOTIONS)}." for _ in range(rng.randint(1, 3))],
+        }
+
+    names = [f"clip_{i:05d}" for i in range(samples)]
+    return {n: entry() for n in names}, {n: entry() for n in names}
+
+
+def cue_count(*files: dict) -> int:
+    return sum(len(cues) for f in files for entry in f.values() for cues in entry.values())
+
+
+def timed(run, repeats: int) -> tuple[float, dict]:
+    best, result = float("inf"), {}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    from sentence_transformers import SentenceTransformer
+
+    folder = emocue360.default_embedder_dir()
+    pred, gt = synthetic_cue_files(args.samples)
+    cues = cue_count(pred, gt)
+
+    ours_embed = emocue360.jax_embedder(folder, args.batch_size)
+    start = time.perf_counter()
+    emocue360.score(pred, gt, ours_embed)
+    first = time.perf_counter() - start
+    ours_s, ours = timed(lambda: emocue360.score(pred, gt, ours_embed), args.repeats)
+
+    model = SentenceTransformer(str(folder), device="cpu")
+    st_embed = lambda texts: model.encode(texts, batch_size=args.batch_size, convert_to_numpy=True)  # noqa: E731
+    st_s, reference = timed(lambda: emocue360.score(pred, gt, st_embed), args.repeats)
+
+    diff = max(abs(ours["axes"][a][k] - reference["axes"][a][k]) for a in emocue360.AXES for k in ("recall", "precision", "f1"))
+    unique = len({c for f in (pred, gt) for e in f.values() for v in e.values() for c in v})
+    print(f"{args.samples} samples, {cues} cues ({unique} unique), batch {args.batch_size}, best of {args.repeats}")
+    print(f"{'embedder':<28} {'seconds':>8} {'cues/s':>9}")
+    print(f"{'ours (JAX, first run)':<28} {first:8.2f} {cues / first:9.0f}")
+    print(f"{'ours (JAX, compiled)':<28} {ours_s:8.2f} {cues / ours_s:9.0f}")
+    print(f"{'sentence-transformers':<28} {st_s:8.2f} {cues / st_s:9.0f}")
+    print(f"ratio ours/sentence-transformers: {st_s / ours_s:.2f}x; max |dataset score diff| {diff:.2e}")
+    print("F1 per axis:", {a: round(float(np.float64(ours["axes"][a]["f1"])), 4) for a in emocue360.AXES})
+
+
+if __name__ == "__main__":
+    main()
