@@ -143,14 +143,23 @@ def audio_batch(waveforms: Sequence[np.ndarray | None], max_audio_samples: int,
     return values, mask
 
 
-def frames_batch(frames: Sequence[np.ndarray | None], frame_size: int) -> np.ndarray:
-    """CLIP-normalised frames ``[B, 16, S, S, 3]``; a clip without video gives zeros."""
-    out = np.zeros((len(frames), 16, frame_size, frame_size, 3), np.float32)
-    for i, clip in enumerate(frames):
+def clip_pixels(record: Record, frame_size: int) -> np.ndarray | None:
+    """The record's frames CLIP-normalised (per sample, so the read threads share the work); None without video."""
+    if not record["has_video"]:
+        return None
+    frames = record["frames"]
+    if frames.shape[1:3] != (frame_size, frame_size):
+        raise ValueError(f"{record['clip_id']}: frames are {frames.shape[1]}x{frames.shape[2]}, "
+                         f"the pipeline expects {frame_size}")
+    return normalize(frames)
+
+
+def frames_batch(pixels: Sequence[np.ndarray | None], frame_size: int) -> np.ndarray:
+    """Stack normalised frames into ``[B, 16, S, S, 3]``; a clip without video gives zeros."""
+    out = np.zeros((len(pixels), 16, frame_size, frame_size, 3), np.float32)
+    for i, clip in enumerate(pixels):
         if clip is not None:
-            if clip.shape[1:3] != (frame_size, frame_size):
-                raise ValueError(f"frames are {clip.shape[1]}x{clip.shape[2]}, the pipeline expects {frame_size}")
-            out[i] = normalize(clip)
+            out[i] = clip
     return out
 
 
@@ -162,7 +171,8 @@ def stage1_dataset(records_dir: str | Path, text_tokenizer: Any, config: LoaderC
     """Video clips with their visual caption, for VECB pretraining."""
 
     def sample(record: Record) -> dict[str, np.ndarray]:
-        return {"frames": record["frames"], "text": caption_tokens(text_tokenizer, record["captions"][0], text_max_length)}
+        return {"frames": clip_pixels(record, frame_size),
+                "text": caption_tokens(text_tokenizer, record["captions"][0], text_max_length)}
 
     def collate(samples: Sequence[dict[str, np.ndarray]]) -> Batch:
         text_ids, text_mask = pad_rows([s["text"] for s in samples], text_max_length,
@@ -210,7 +220,7 @@ def stage3_dataset(records_dir: str | Path, tokenizer: Any, config: LoaderConfig
             tokenizer, subtitle=record["subtitle"], instruction=instruction, target=record["description"],
             num_audio_tokens=int(audio_tokens_for(len(audio))) if audio is not None else None,
             has_video=record["has_video"], max_context=max_context)
-        return {"sample": laid_out, "frames": record["frames"] if record["has_video"] else None, "audio": audio}
+        return {"sample": laid_out, "frames": clip_pixels(record, frame_size), "audio": audio}
 
     def collate(samples: Sequence[dict[str, Any]]) -> Batch:
         batch = prompt.collate([s["sample"] for s in samples], buckets, tokenizer.pad_token_id)

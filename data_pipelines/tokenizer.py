@@ -30,7 +30,8 @@ MODEL_MAX_LENGTH = 4096
 
 def prompt_texts() -> list[str]:
     """The template (with its placeholders) and the instruction, so the tokenizer learns them."""
-    return [PROMPT_TEMPLATE, INFERENCE_INSTRUCTION, PROMPT_TEMPLATE.format(subtitle="", instruction=INFERENCE_INSTRUCTION)]
+    filled = PROMPT_TEMPLATE.format(subtitle="", instruction=INFERENCE_INSTRUCTION)
+    return [PROMPT_TEMPLATE, INFERENCE_INSTRUCTION, filled]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizerFast:
