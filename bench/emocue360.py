@@ -78,7 +78,8 @@ def main() -> None:
     st_embed = lambda texts: model.encode(texts, batch_size=args.batch_size, convert_to_numpy=True)  # noqa: E731
     st_s, reference = timed(lambda: emocue360.score(pred, gt, st_embed), args.repeats)
 
-    diff = max(abs(ours["axes"][a][k] - reference["axes"][a][k]) for a in emocue360.AXES for k in ("recall", "precision", "f1"))
+    keys = ("recall", "precision", "f1")
+    diff = max(abs(ours["axes"][a][k] - reference["axes"][a][k]) for a in emocue360.AXES for k in keys)
     unique = len({c for f in (pred, gt) for e in f.values() for v in e.values() for c in v})
     print(f"{args.samples} samples, {cues} cues ({unique} unique), batch {args.batch_size}, best of {args.repeats}")
     print(f"{'embedder':<28} {'seconds':>8} {'cues/s':>9}")

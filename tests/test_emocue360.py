@@ -89,7 +89,8 @@ def test_best_matches_are_reported_per_cue():
 
 
 def test_no_countable_sample_gives_null_means():
-    result = emocue360.score({"x": {"visual": ["g1"]}}, {"x": {"visual": [], "auditory": [], "emotional": []}}, fake_embed)
+    empty_gt = {"x": {"visual": [], "auditory": [], "emotional": []}}
+    result = emocue360.score({"x": {"visual": ["g1"]}}, empty_gt, fake_embed)
     assert result["axes"]["visual"] == {
         "recall": None, "precision": None, "f1": None, "count": 0, "skipped_empty_gt": 1
     }

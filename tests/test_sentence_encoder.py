@@ -101,7 +101,9 @@ def test_tiny_labse_style_folder_matches_sentence_transformers(tiny_bert_dir, tm
     np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("pooling_mode", ["mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken", ("cls", "mean")])
+@pytest.mark.parametrize(
+    "pooling_mode", ["cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken", ("cls", "mean")]
+)
 def test_pooling_modes_match_sentence_transformers(pooling_mode):
     rng = np.random.default_rng(0)
     hidden = rng.normal(size=(3, 6, 5)).astype(np.float32)

@@ -77,7 +77,8 @@ def bar_plot_svg(axes: Mapping[str, Mapping[str, Any]], width: int = 520, height
                 f"<title>{html.escape(axis)} {label} {value:.4f}</title></rect>"
             )
             parts.append(
-                f'<text x="{x + bar_w * 0.45:.1f}" y="{y - 3:.1f}" font-size="9" text-anchor="middle">{value:.2f}</text>'
+                f'<text x="{x + bar_w * 0.45:.1f}" y="{y - 3:.1f}" font-size="9" text-anchor="middle">'
+                f"{value:.2f}</text>"
             )
         label_x = left + (g + 0.5) * group_w
         parts.append(f'<text x="{label_x:.1f}" y="{height - 10}" font-size="12" text-anchor="middle">{axis}</text>')
@@ -165,17 +166,19 @@ def _axis_block(axis: str, result: Mapping[str, Any] | None, pred_cues: Any, gt_
     head = f'<div class="label">{axis}</div>'
     if result is None:
         shown = ", ".join(map(str, gt_cues or [])) or "none"
-        return head + f'<div class="missing">not scored (ground truth empty after filtering: {html.escape(shown)})</div>'
+        note = f"not scored (ground truth empty after filtering: {html.escape(shown)})"
+        return head + f'<div class="missing">{note}</div>'
     summary = f"P {result['precision']:.3f} &middot; R {result['recall']:.3f} &middot; F1 {result['f1']:.3f}"
     pred_table = (
         _cue_table("predicted cue", result["pred"], "ground-truth")
         if result["pred"]
         else f'<div class="missing">no predicted cues (raw: {html.escape(json.dumps(pred_cues))})</div>'
     )
+    gt_table = _cue_table("ground-truth cue", result["gt"], "predicted")
     return (
         head
         + f"<div>{summary}</div>"
-        + f'<div class="axis"><div>{pred_table}</div><div>{_cue_table("ground-truth cue", result["gt"], "predicted")}</div></div>'
+        + f'<div class="axis"><div>{pred_table}</div><div>{gt_table}</div></div>'
     )
 
 
@@ -237,7 +240,9 @@ def render(
         body.append(f'<p class="missing">predicted but absent from the ground truth: {html.escape(missing)}</p>')
     for name, clip_scores in scores["samples"].items():
         body.append(
-            _clip_section(name, clip_scores, pred, gt, frames.get(name, []), subtitles.get(name), explanations.get(name))
+            _clip_section(
+                name, clip_scores, pred, gt, frames.get(name, []), subtitles.get(name), explanations.get(name)
+            )
         )
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -273,11 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             frames = frames_from_images(frames_dir, names)
     if args.explanations:
-        explanations, explanation_subtitles = read_explanations(Path(args.explanations), args.name_column, args.text_column)
+        explanations, explanation_subtitles = read_explanations(
+            Path(args.explanations), args.name_column, args.text_column
+        )
         subtitles = {**subtitles, **explanation_subtitles}
-    page = render(
-        scores, _read_json(args.pred), _read_json(args.gt), explanations=explanations, subtitles=subtitles, frames=frames
-    )
+    pred, gt = _read_json(args.pred), _read_json(args.gt)
+    page = render(scores, pred, gt, explanations=explanations, subtitles=subtitles, frames=frames)
     Path(args.out).write_text(page, encoding="utf-8")
     print(f"wrote {args.out}: {len(names)} clips, {sum(len(f) for f in frames.values())} frames")
     return 0

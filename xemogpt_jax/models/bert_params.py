@@ -86,7 +86,9 @@ def load_bert(
     cannot silently leave random weights in place.
     """
     config = BertConfig.from_hf(hf_io.read_config(path))
-    model = nnx.eval_shape(lambda: BertModel(config, rngs=nnx.Rngs(0), add_pooling_layer=add_pooling_layer, dtype=dtype))
+    model = nnx.eval_shape(
+        lambda: BertModel(config, rngs=nnx.Rngs(0), add_pooling_layer=add_pooling_layer, dtype=dtype)
+    )
     report = hf_io.assign(model, hf_io.iter_tensors(path), bert_key_map, mesh)
     if strict and report.missing:
         raise ValueError(f"{path}: checkpoint leaves parameters unset: {report.missing}")
