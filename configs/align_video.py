@@ -17,7 +17,7 @@ def clip_architecture(variant: str) -> ml_collections.ConfigDict:
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       image_size=64, patch_size=16, hidden_act="quick_gelu")
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    vocab_size=2048, max_position_embeddings=77, eos_token_id=2, hidden_act="quick_gelu")
+                    vocab_size=2048, max_position_embeddings=77, eos_token_id=1, hidden_act="quick_gelu")
         return ml_collections.ConfigDict(dict(vision_config=vision, text_config=text, projection_dim=32))
     vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=224, patch_size=14, hidden_act="quick_gelu")

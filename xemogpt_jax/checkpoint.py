@@ -116,17 +116,22 @@ def restore_config(directory: str | Path, step: int | None = None) -> dict[str, 
         return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
 
-def restore_state_item(directory: str | Path, abstract_state: Any, step: int | None = None) -> Any:
-    """Only the ``state`` item (used to initialise stage 3 from the stage 1-2 bridge checkpoints).
+def restore_state_numpy(directory: str | Path, step: int | None = None) -> dict[str, Any]:
+    """The ``state`` item as a nested dict of host numpy arrays, whatever mesh wrote it.
 
-    ``abstract_state`` may be a subtree-compatible target with shardings; ``None`` restores as saved.
+    Used to initialise stage 3 from the stage 1-2 bridge checkpoints (their optimizer state is ignored).
     """
-    with ocp.CheckpointManager(Path(directory).absolute(), item_names=(STATE,)) as manager:
+    handlers = {STATE: ocp.StandardCheckpointHandler()}
+    with ocp.CheckpointManager(Path(directory).absolute(), item_handlers=handlers) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")
-        restore = ocp.args.StandardRestore(abstract_state)
-        return manager.restore(step, args=ocp.args.Composite(**{STATE: restore}))[STATE]
+        on_host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_host), manager.item_metadata(step)[STATE]
+        )
+        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)}))
+        return jax.tree.map(np.asarray, restored[STATE])
 
 
 def gather_process_strings(text: str) -> list[str]:

@@ -54,19 +54,17 @@ def binary_cross_entropy_with_logits(logits: jax.Array, labels: jax.Array) -> ja
     return jnp.mean(jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits))))
 
 
-def shuffle_frames(frames: jax.Array, key: jax.Array) -> jax.Array:
-    """Permute the frame axis of ``frames [B, T, D]`` independently per sample, never the identity.
+def shuffled_frame_order(key: jax.Array, batch: int, length: int) -> jax.Array:
+    """``[B, T]`` int: an independent permutation of the frame axis per sample, never the identity.
 
-    Used for frame temporal discrimination on the RAW frame features, before the positional
-    table is added (shuffling after it, as the release does, leaves nothing to discriminate).
-    A draw that happens to be the identity is replaced by a shift by one.
+    For frame temporal discrimination the permutation is applied to the RAW frame features, before
+    the positional table is added (shuffling after it, as the release does, leaves nothing to
+    discriminate). A draw that happens to be the identity is replaced by a shift by one.
     """
-    batch, length = frames.shape[:2]
     order = jnp.argsort(jax.random.uniform(key, (batch, length)), axis=1)
     identity = jnp.arange(length)
     is_identity = jnp.all(order == identity, axis=1, keepdims=True)
-    order = jnp.where(is_identity, jnp.roll(identity, 1)[None, :], order)
-    return jnp.take_along_axis(frames, order[:, :, None], axis=1)
+    return jnp.where(is_identity, jnp.roll(identity, 1)[None, :], order)
 
 
 def frame_temporal_discrimination(original_logits: jax.Array, shuffled_logits: jax.Array) -> jax.Array:
@@ -79,11 +77,6 @@ def frame_temporal_discrimination(original_logits: jax.Array, shuffled_logits: j
 def sample_frame_mask(key: jax.Array, shape: tuple[int, int], ratio: float = 0.5) -> jax.Array:
     """``[B, T]`` bool, True where a frame is masked (each frame independently with probability ``ratio``)."""
     return jax.random.bernoulli(key, ratio, shape)
-
-
-def mask_frames(frames: jax.Array, mask: jax.Array) -> jax.Array:
-    """Zero the masked frames of ``frames [B, T, D]`` (done before the positional table is added)."""
-    return jnp.where(mask[:, :, None], jnp.zeros((), frames.dtype), frames)
 
 
 def masked_frame_modeling(predicted: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
@@ -111,16 +104,6 @@ def causal_lm_cross_entropy(
     token_nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     count = jnp.sum(weights)
     return jnp.sum(token_nll * weights) / jnp.maximum(count, 1.0), count
-
-
-def gate_gradient(features: jax.Array, learns: jax.Array) -> jax.Array:
-    """Pass ``features [B, ...]`` forward unchanged; let gradient reach the producer only where ``learns[B]``.
-
-    The stage-3 modality rule: VECB learns from video and audio+video samples, AECB from audio and
-    audio+video samples, so a bridge's output is gated by whether the sample has that modality.
-    """
-    learns = learns.reshape(learns.shape + (1,) * (features.ndim - 1))
-    return jnp.where(learns, features, jax.lax.stop_gradient(features))
 
 
 def stage1_total(cva: jax.Array, ftd: jax.Array, mfm: jax.Array, ftd_weight: float, mfm_weight: float) -> jax.Array:

@@ -15,7 +15,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data_pipelines import pipelines
 from xemogpt_jax import checkpoint as checkpoint_lib
 from xemogpt_jax import metrics as metrics_lib
 from xemogpt_jax import optim, sharding
@@ -54,7 +55,8 @@ class Task:
     ``load_pretrained(model, mesh)`` then fills imported weights in place (``init_from``).
     ``train_data(process_index, process_count)`` yields this process's rows of each GLOBAL batch
     (numpy arrays, leading axis = global batch / process count); ``eval_data`` likewise, restarted
-    for every evaluation. ``tokens(batch)`` counts the tokens of a local batch for tokens/s.
+    for every evaluation. ``tokens(batch)`` counts the tokens of a local batch for tokens/s;
+    ``pad_values`` names bucketed fields whose width all processes must agree on.
     """
 
     build_model: Callable[[nnx.Rngs], nnx.Module]
@@ -64,6 +66,7 @@ class Task:
     eval_data: Callable[[int, int], Iterator[Batch]] | None = None
     load_pretrained: Callable[[nnx.Module, Mesh], None] | None = None
     tokens: Callable[[Batch], int] = lambda batch: int(next(iter(batch.values())).shape[0])
+    pad_values: Mapping[str, int | str] | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -167,12 +170,9 @@ def make_train_step(
     )
 
 
-def global_batch(local: Batch, mesh: Mesh) -> Batch:
+def global_batch(local: Batch, mesh: Mesh, pad_values: Mapping[str, int | str] | None = None) -> Batch:
     """Assemble each process's rows into global arrays sharded over (data, fsdp)."""
-    return {
-        name: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(value)), np.asarray(value))
-        for name, value in local.items()
-    }
+    return pipelines.make_global_batch({k: np.asarray(v) for k, v in local.items()}, mesh, pad_values)
 
 
 def abstract_trained(engine: Engine) -> Any:
@@ -226,12 +226,12 @@ def make_eval_step(graphdef: nnx.GraphDef, task: Task, seed: int) -> Any:
     return jax.jit(eval_step)
 
 
-def evaluate(engine: Engine, batches: Iterator[Batch], num_batches: int) -> float:
+def evaluate(engine: Engine, batches: Iterator[Batch], num_batches: int, pad_values: Mapping | None = None) -> float:
     """Mean loss over the first ``num_batches`` eval batches."""
     losses = []
     with jax.set_mesh(engine.mesh):
         for _, local in zip(range(num_batches), batches):
-            losses.append(float(engine.eval_fn(engine.trained, engine.frozen, global_batch(local, engine.mesh))))
+            losses.append(float(engine.eval_fn(engine.trained, engine.frozen, global_batch(local, engine.mesh, pad_values))))
     return float(np.mean(losses)) if losses else math.nan
 
 
@@ -275,7 +275,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, task: Task, mesh
 
     local = next(data)
     with jax.set_mesh(mesh):
-        batch = global_batch(local, mesh)
+        batch = global_batch(local, mesh, task.pad_values)
         tokens = task.tokens(local) * jax.process_count()
         flops = step_flops(engine, batch, config, tokens)
     writer = metrics_lib.MetricsWriter(
@@ -306,7 +306,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, task: Task, mesh
             eval_loss = None
             if task.eval_data is not None and step % config.train.eval_every == 0:
                 eval_batches = task.eval_data(jax.process_index(), jax.process_count())
-                eval_loss = evaluate(engine, eval_batches, config.train.eval_steps)
+                eval_loss = evaluate(engine, eval_batches, config.train.eval_steps, task.pad_values)
             if step % config.train.log_every == 0 or step == config.train.steps or eval_loss is not None:
                 scalars = {k: float(v) for k, v in out.items()}
                 if eval_loss is not None:
@@ -326,7 +326,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, task: Task, mesh
             if step < config.train.steps:
                 local = next(data)
                 with jax.set_mesh(mesh):
-                    batch = global_batch(local, mesh)
+                    batch = global_batch(local, mesh, task.pad_values)
     finally:
         watch.close()
         checkpoints.close()

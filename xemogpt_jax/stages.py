@@ -1,0 +1,323 @@
+"""The three training stages as :class:`xemogpt_jax.trainer.Task`s: models, trainable sets, losses, data.
+
+- stage 1 ``align_video``: frozen CLIP (both towers) + VECB with its heads + a learnable log-scale;
+  ``L_cva + l1 L_ftd + l2 L_mfm``;
+- stage 2 ``align_audio``: frozen HuBERT + frozen LaBSE-shaped sentence encoder + AECB + log-scale; ``L_caa``;
+- stage 3 ``sft``: :class:`XEmoGPT`; LoRA, projections and the bridges (not their pretraining heads) train
+  with the causal-LM loss. The modality rule holds by construction: a bridge's tokens enter the LLM only
+  at the slots of samples that have its modality, so samples without it give that bridge no gradient.
+
+Bridge modules carry the same names (``vecb``, ``aecb``) in every stage, so stage 3 initialises them
+from the stage 1-2 checkpoints by path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from data_pipelines import pipelines
+from xemogpt_jax import checkpoint, losses, prompt, sharding
+from xemogpt_jax.models import bridges, clip_params, hf_io, hubert_params, lora as lora_lib, qwen3_params
+from xemogpt_jax.models.bert import BertConfig, BertModel
+from xemogpt_jax.models.clip import CLIPConfig, CLIPModel
+from xemogpt_jax.models.hubert import HubertConfig, HubertModel
+from xemogpt_jax.models.qwen3 import Qwen3Config, parse_dtype
+from xemogpt_jax.models.sentence_encoder import Dense, SentenceEncoder, SentencePipeline
+from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig
+from xemogpt_jax.trainer import Task
+
+LOGIT_SCALE = "align_logit_scale"
+
+
+def _architecture(folder: str, fallback: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A pretrained folder's config.json when given, else the config's own architecture fields."""
+    return hf_io.read_config(folder) if folder else fallback.to_dict()
+
+
+def _copy_into(target: nnx.Module, source: nnx.Module, mesh: Mesh) -> None:
+    """Overwrite ``target``'s variables with ``source``'s, placed by ``target``'s logical axes."""
+    state = nnx.state(source)
+    nnx.update(target, jax.device_put(state, sharding.state_shardings(nnx.state(target), mesh)))
+
+
+def _loader(config: ml_collections.ConfigDict, batch_size: int, process: int, count: int, **kw: Any):
+    if batch_size % count:
+        raise ValueError(f"global batch {batch_size} is not divisible by {count} processes")
+    return pipelines.LoaderConfig(
+        batch_size=batch_size // count, seed=config.data.shuffle_seed, process_index=process, process_count=count,
+        worker_count=config.data.worker_count, **kw,
+    )
+
+
+def load_text_tokenizer(folder: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+class VideoAlignModel(nnx.Module):
+    """Frozen CLIP, the VECB with its stage-1 heads, and the contrastive log-scale."""
+
+    def __init__(self, clip_config: CLIPConfig, vecb_config: bridges.VECBConfig, tau_init: float, *,
+                 rngs: nnx.Rngs, dtype: Any = None):
+        self.clip = CLIPModel(clip_config, rngs=rngs, dtype=dtype)
+        self.vecb = bridges.VECB(vecb_config, rngs=rngs, dtype=dtype)
+        setattr(self, LOGIT_SCALE, nnx.Param(losses.init_logit_scale(tau_init)))
+
+    def clip_features(self, pixel_values: jax.Array) -> jax.Array:
+        """``[B, F, S, S, 3]`` -> per-frame CLS before the post-layernorm ``[B, F, D]`` (frozen)."""
+        batch, frames = pixel_values.shape[:2]
+        cls = self.clip.vision_model(pixel_values.reshape(batch * frames, *pixel_values.shape[2:])).cls_token
+        return jax.lax.stop_gradient(cls.reshape(batch, frames, -1))
+
+
+def video_align_loss(loss_config: ml_collections.ConfigDict):
+    def loss_fn(model: VideoAlignModel, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+        cls = model.clip_features(batch["pixel_values"])
+        batch_size, frames = cls.shape[:2]
+        text = jax.lax.stop_gradient(model.clip.get_text_features(batch["text_ids"], batch["text_mask"]))
+        video = model.vecb.video_embedding(model.vecb(cls))
+        scale = getattr(model, LOGIT_SCALE)[...]
+        cva = losses.info_nce(video, model.vecb.text_embedding(text), scale, loss_config.max_logit_scale)
+        shuffle_key, mask_key = jax.random.split(key)
+        order = losses.shuffled_frame_order(shuffle_key, batch_size, frames)
+        shuffled = model.vecb.video_embedding(model.vecb(cls, frame_order=order))
+        ftd = losses.frame_temporal_discrimination(model.vecb.temporal_logit(video), model.vecb.temporal_logit(shuffled))
+        mask = losses.sample_frame_mask(mask_key, (batch_size, frames), loss_config.mask_ratio)
+        mfm = losses.masked_frame_modeling(model.vecb.reconstruct(model.vecb(cls, masked_frames=mask)), cls, mask)
+        total = losses.stage1_total(cva, ftd, mfm, loss_config.ftd_weight, loss_config.mfm_weight)
+        return total, {"cva": cva, "ftd": ftd, "mfm": mfm, "temperature": jnp.exp(-scale)}
+
+    return loss_fn
+
+
+def align_video_task(config: ml_collections.ConfigDict) -> Task:
+    arch = _architecture(config.init_from.clip, config.model.clip)
+    clip_config = CLIPConfig.from_hf(arch)
+    vecb_config = bridges.VECBConfig(
+        encoder=clip_config.vision, num_layers=config.model.bridge_layers, num_frames=config.model.num_frames,
+        align_dim=config.model.align_dim, text_dim=clip_config.projection_dim,
+    )
+    dtype = parse_dtype(config.dtype)
+    tokenizer = load_text_tokenizer(config.init_from.tokenizer or config.init_from.clip)
+    frame_size = clip_config.vision.image_size
+
+    def data(records_dir: str, batch_size: int, shuffle: bool):
+        def make(process: int, count: int):
+            loader = _loader(config, batch_size, process, count, shuffle=shuffle)
+            dataset = pipelines.stage1_dataset(records_dir, tokenizer, loader, frame_size=frame_size,
+                                               text_max_length=config.data.max_text_tokens)
+            return iter(dataset)
+        return make
+
+    def load_pretrained(model: VideoAlignModel, mesh: Mesh) -> None:
+        if config.init_from.clip:
+            loaded, _ = clip_params.load_clip(config.init_from.clip, mesh=mesh, dtype=dtype)
+            _copy_into(model.clip, loaded, mesh)
+
+    return Task(
+        build_model=lambda rngs: VideoAlignModel(clip_config, vecb_config, config.loss.tau_init, rngs=rngs, dtype=dtype),
+        trainable=nnx.All(nnx.Param, nnx.Any(nnx.PathContains("vecb"), nnx.PathContains(LOGIT_SCALE))),
+        loss=video_align_loss(config.loss),
+        train_data=data(config.data.train_dir, config.data.batch_size, True),
+        eval_data=data(config.data.eval_dir, config.data.eval_batch_size, False) if config.data.eval_dir else None,
+        load_pretrained=load_pretrained,
+    )
+
+
+# ---------------------------------------------------------------- stage 2
+
+
+def labse_shaped_encoder(bert_config: BertConfig, text_dim: int, *, rngs: nnx.Rngs) -> SentencePipeline:
+    """LaBSE's sentence-transformers pipeline: BERT, CLS pooling, Dense with tanh, L2 normalisation."""
+    bert = BertModel(bert_config, rngs=rngs, add_pooling_layer=False)
+    dense = Dense(bert_config.hidden_size, text_dim, use_bias=True, activation_name="Tanh", rngs=rngs)
+    return SentencePipeline(bert, ("cls",), [dense], normalize=True)
+
+
+class AudioAlignModel(nnx.Module):
+    """Frozen HuBERT and sentence encoder, the AECB with its stage-2 heads, and the contrastive log-scale."""
+
+    def __init__(self, hubert_config: HubertConfig, bert_config: BertConfig, aecb_config: bridges.AECBConfig,
+                 tau_init: float, *, rngs: nnx.Rngs):
+        self.hubert = HubertModel(hubert_config, rngs=rngs)
+        self.text_encoder = labse_shaped_encoder(bert_config, aecb_config.text_dim, rngs=rngs)
+        self.aecb = bridges.AECB(aecb_config, rngs=rngs)
+        setattr(self, LOGIT_SCALE, nnx.Param(losses.init_logit_scale(tau_init)))
+
+
+def audio_align_loss(loss_config: ml_collections.ConfigDict):
+    def loss_fn(model: AudioAlignModel, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+        del key  # stage 2 is deterministic
+        hidden, frame_mask = model.hubert(batch["input_values"], batch["audio_mask"])
+        hidden = jax.lax.stop_gradient(jnp.where(frame_mask[..., None], hidden, jnp.zeros((), hidden.dtype)))
+        text_ids, text_mask = batch["text_ids"], batch["text_mask"]
+        text = jax.lax.stop_gradient(model.text_encoder(text_ids, text_mask, jnp.zeros_like(text_ids)))
+        audio = model.aecb.audio_embedding(model.aecb(hidden, frame_mask), frame_mask)
+        scale = getattr(model, LOGIT_SCALE)[...]
+        caa = losses.info_nce(audio, model.aecb.text_embedding(text), scale, loss_config.max_logit_scale)
+        return caa, {"caa": caa, "temperature": jnp.exp(-scale)}
+
+    return loss_fn
+
+
+def align_audio_task(config: ml_collections.ConfigDict) -> Task:
+    dtype = parse_dtype(config.dtype)
+    hubert_config = HubertConfig.from_hf(_architecture(config.init_from.hubert, config.model.hubert), dtype=dtype)
+    text_folder = config.init_from.text_encoder
+    bert_config = BertConfig.from_hf(
+        _architecture(str(Path(text_folder)) if text_folder else "", config.model.text_encoder)
+    )
+    aecb_config = bridges.AECBConfig(
+        encoder=hubert_config, num_layers=config.model.bridge_layers, align_dim=config.model.align_dim,
+        text_dim=config.model.text_dim,
+    )
+    tokenizer = load_text_tokenizer(config.init_from.tokenizer or text_folder)
+    max_samples = int(config.data.max_audio_seconds * 16_000)
+
+    def data(records_dir: str, batch_size: int, shuffle: bool):
+        def make(process: int, count: int):
+            loader = _loader(config, batch_size, process, count, shuffle=shuffle)
+            return iter(pipelines.stage2_dataset(records_dir, tokenizer, loader, max_audio_samples=max_samples,
+                                                 text_max_length=config.data.max_text_tokens))
+        return make
+
+    def load_pretrained(model: AudioAlignModel, mesh: Mesh) -> None:
+        if config.init_from.hubert:
+            loaded, _ = hubert_params.load_hubert(config.init_from.hubert, mesh=mesh, dtype=dtype)
+            _copy_into(model.hubert, loaded, mesh)
+        if text_folder:
+            _copy_into(model.text_encoder, SentenceEncoder.from_folder(text_folder).pipeline, mesh)
+
+    return Task(
+        build_model=lambda rngs: AudioAlignModel(hubert_config, bert_config, aecb_config, config.loss.tau_init, rngs=rngs),
+        trainable=nnx.All(nnx.Param, nnx.Any(nnx.PathContains("aecb"), nnx.PathContains(LOGIT_SCALE))),
+        loss=audio_align_loss(config.loss),
+        train_data=data(config.data.train_dir, config.data.batch_size, True),
+        eval_data=data(config.data.eval_dir, config.data.eval_batch_size, False) if config.data.eval_dir else None,
+        load_pretrained=load_pretrained,
+    )
+
+
+# ---------------------------------------------------------------- stage 3
+
+# Parts of the bridges that stage 3 trains (their stage 1-2 heads get no gradient there).
+BRIDGE_PARTS = ("position_embedding", "visual_alignment_layer", "audio_alignment_layer")
+PROJECTIONS = ("visual_llm_project", "audio_llm_project")
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
+    """``rank > 0``: LoRA; ``rank == 0``: LLM frozen; ``rank < 0``: full fine-tuning (no adapters)."""
+    lora = config.model.lora
+    if lora.rank <= 0:
+        return None
+    return lora_lib.LoraConfig(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets))
+
+
+def sft_trainable(config: ml_collections.ConfigDict) -> Any:
+    parts = [nnx.PathContains(name) for name in PROJECTIONS]
+    if config.model.train_bridges:
+        parts += [nnx.PathContains(name) for name in BRIDGE_PARTS]
+    if config.model.lora.rank > 0:
+        parts.append(lora_lib.LoraParam)
+    elif config.model.lora.rank < 0:
+        parts.append(nnx.PathContains("llm"))
+    return nnx.All(nnx.Param, nnx.Any(*parts))
+
+
+def xemogpt_config(config: ml_collections.ConfigDict, tokenizer: Any) -> XEmoGPTConfig:
+    dtype = parse_dtype(config.dtype)
+    llm_arch = _architecture(config.init_from.llm, config.model.llm)
+    llm = Qwen3Config.from_hf(llm_arch, dtype=dtype, remat=config.model.remat, lora=lora_config(config))
+    if not config.init_from.llm:
+        llm = llm.replace(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision_arch = _architecture(config.init_from.clip, config.model.clip)
+    vision = CLIPConfig.from_hf(vision_arch).vision
+    hubert = HubertConfig.from_hf(_architecture(config.init_from.hubert, config.model.hubert), dtype=dtype)
+    return XEmoGPTConfig(
+        vision=vision, hubert=hubert, llm=llm, vecb_layers=config.model.bridge_layers,
+        aecb_layers=config.model.bridge_layers, num_frames=config.model.num_frames,
+        max_audio_samples=int(config.data.max_audio_seconds * 16_000), max_context=config.data.max_context,
+        dtype=dtype,
+    )
+
+
+def sft_loss(model: XEmoGPT, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+    loss, _ = model(
+        batch["token_ids"], batch["kind"], batch["feature_index"], batch["labels"], batch["attention_mask"],
+        batch["positions"], frames=batch["pixel_values"], audio=batch["input_values"], audio_mask=batch["audio_mask"],
+        dropout_rng=key,
+    )
+    return loss, {"target_tokens": jnp.sum(batch["labels"] != prompt.IGNORE_INDEX)}
+
+
+def bridge_from_checkpoint(workdir: str, name: str) -> dict[str, Any]:
+    """The ``model/<name>`` parameters of the latest checkpoint in a stage 1-2 workdir, as numpy."""
+    return checkpoint.restore_state_numpy(Path(workdir) / "checkpoints")["model"][name]
+
+
+def sft_task(config: ml_collections.ConfigDict) -> Task:
+    tokenizer = qwen3_params.load_tokenizer(config.init_from.tokenizer or config.init_from.llm)
+    model_config = xemogpt_config(config, tokenizer)
+    max_samples = model_config.max_audio_samples
+
+    def data(records_dir: str, batch_size: int, shuffle: bool):
+        def make(process: int, count: int):
+            loader = _loader(config, batch_size, process, count, shuffle=shuffle)
+            return iter(pipelines.stage3_dataset(
+                records_dir, tokenizer, loader, frame_size=model_config.vision.image_size,
+                max_audio_samples=max_samples, audio_tokens_for=model_config.num_audio_tokens,
+                buckets=tuple(config.data.length_buckets), max_context=config.data.max_context,
+            ))
+        return make
+
+    def load_pretrained(model: XEmoGPT, mesh: Mesh) -> None:
+        dtype = model_config.dtype
+        if config.init_from.clip:
+            loaded, _ = clip_params.load_clip_vision(config.init_from.clip, mesh=mesh, dtype=dtype)
+            _copy_into(model.vision_tower, loaded, mesh)
+        if config.init_from.hubert:
+            loaded, _ = hubert_params.load_hubert(config.init_from.hubert, mesh=mesh, dtype=dtype)
+            _copy_into(model.audio_tower, loaded, mesh)
+        if config.init_from.llm:
+            loaded, _ = qwen3_params.load_hf(
+                config.init_from.llm, mesh=mesh, dtype=dtype, remat=config.model.remat, lora=model_config.llm.lora
+            )
+            _copy_into(model.llm, loaded, mesh)
+        for workdir, name in ((config.init_from.video_bridge, "vecb"), (config.init_from.audio_bridge, "aecb")):
+            if workdir:
+                bridge = getattr(model, name)
+                state = nnx.state(bridge)
+                nnx.replace_by_pure_dict(state, bridge_from_checkpoint(workdir, name))
+                nnx.update(bridge, jax.device_put(state, sharding.state_shardings(state, mesh)))
+
+    return Task(
+        build_model=lambda rngs: XEmoGPT(model_config, rngs=rngs),
+        trainable=sft_trainable(config),
+        loss=sft_loss,
+        train_data=data(config.data.train_dir, config.data.batch_size, True),
+        eval_data=data(config.data.eval_dir, config.data.eval_batch_size, False) if config.data.eval_dir else None,
+        load_pretrained=load_pretrained,
+        tokens=lambda batch: int(np.sum(batch["attention_mask"])),
+        pad_values=pipelines.stage3_pad_values(tokenizer.pad_token_id),
+    )
+
+
+TASKS = {"align_video": align_video_task, "align_audio": align_audio_task, "sft": sft_task}
+
+
+def task_for(config: ml_collections.ConfigDict) -> Task:
+    if config.stage not in TASKS:
+        raise ValueError(f"unknown stage {config.stage!r}; known: {sorted(TASKS)}")
+    return TASKS[config.stage](config)

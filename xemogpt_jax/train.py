@@ -1,0 +1,55 @@
+"""``python -m xemogpt_jax.train --config=configs/sft.py[:tiny] --workdir=DIR [--config.x.y=...]``
+
+Multi-host: pass ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or set
+``JAX_COORDINATOR_ADDRESS`` etc.), or just ``--distributed`` on a TPU pod / SLURM cluster where JAX
+finds them itself. Every process runs this same command and feeds its own shard of each global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/sft.py:tiny.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and metrics.jsonl go here.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detected cluster).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed() -> None:
+    """Join the multi-process job when asked to; before any other JAX call."""
+    import jax
+
+    if _COORDINATOR.value or _DISTRIBUTED.value:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+        )
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+    initialize_distributed()
+    from xemogpt_jax import stages, trainer
+
+    config = _CONFIG.value
+    try:
+        trainer.run(config, _WORKDIR.value, stages.task_for(config))
+    except trainer.NonFiniteLossError as error:
+        logging.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
