@@ -6,9 +6,9 @@ token sequence is computed by hand from the template text.
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import PreTrainedTokenizerFast
 
+from tests.xemogpt_fixtures import byte_tokenizer
 from xemogpt_jax import prompt
 
 SUBTITLE = "I can't believe it."
@@ -18,12 +18,7 @@ TARGET = "In the video, she frowns."
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<pad>": 0, "<eos>": 1} | {ch: i + 2 for i, ch in enumerate(alphabet)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    return byte_tokenizer()
 
 
 def byte_ids(tokenizer, text: str) -> list[int]:

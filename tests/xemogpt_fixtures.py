@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from flax import nnx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from xemogpt_jax.models import hf_io
 
@@ -53,3 +55,13 @@ def torch_state(module: torch.nn.Module, prefix: str) -> list[tuple[str, np.ndar
 
 def to_torch(x) -> torch.Tensor:
     return torch.from_numpy(np.array(x))
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte (ids 2..257) plus ``<pad>`` = 0 and ``<eos>`` = 1: expected ids are computable by hand."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<eos>": 1} | {ch: i + 2 for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")

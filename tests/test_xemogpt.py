@@ -1,0 +1,291 @@
+"""XEmoGPT end to end against a PyTorch composition of the same transformers modules and weights.
+
+The reference builds each sample the way the release does (text pieces, per-sample token
+concatenation, HF's own shifted-label loss), so it shares none of our layout or splicing code.
+"""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer as TorchCLIPLayer
+from transformers.models.hubert.modeling_hubert import HubertEncoderLayer as TorchHubertLayer
+
+from tests.xemogpt_fixtures import assign_paths, byte_tokenizer, linear_and_norm_tensors, to_torch, torch_state
+from xemogpt_jax import prompt, sharding
+from xemogpt_jax.models import clip_params, hf_io, hubert_params, lora, qwen3_params
+from xemogpt_jax.models.clip import CLIPVisionConfig
+from xemogpt_jax.models.hubert import HubertConfig
+from xemogpt_jax.models.qwen3 import Qwen3Config
+from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig, paper_config
+
+FRAMES, IMAGE, MAX_SAMPLES, AUDIO_LEN = 4, 28, 360, 400
+INSTRUCTION = "Describe the emotion."
+LORA = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.05)
+# (has_audio samples or None, has_video, subtitle, target): video-only, audio-only, audio+video, text-only
+SAMPLES = [
+    (None, True, "Hi there.", "She smiles."),
+    (AUDIO_LEN, False, "No way!", "He shouts angrily."),
+    (250, True, "Fine.", "A flat voice."),
+    (None, False, "Hello?", "Calm."),
+]
+
+
+def hf_configs(tokenizer):
+    clip = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=IMAGE, patch_size=14, hidden_act="quick_gelu", attn_implementation="eager",
+    )
+    hubert = transformers.HubertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), conv_bias=True,
+        num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
+        feat_extract_norm="layer", do_stable_layer_norm=True, attn_implementation="eager",
+    )
+    qwen = transformers.Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, attn_implementation="eager",
+    )
+    return clip, hubert, qwen
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Weights ~ N(0, 1/fan_in); norms 1 + noise; biases and vectors noise (so nothing is trivially 0 or 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim >= 2:
+                p.copy_(noise / math.sqrt(math.prod(p.shape[1:])))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+class TorchXEmoGPT(torch.nn.Module):
+    """The release's composition, one sample at a time."""
+
+    def __init__(self, clip_config, hubert_config, qwen_config):
+        super().__init__()
+        self.clip = transformers.CLIPVisionModel(clip_config)
+        self.hubert = transformers.HubertModel(hubert_config)
+        self.position_embedding = torch.nn.Parameter(torch.zeros(1, FRAMES, clip_config.hidden_size))
+        self.visual_alignment_layer = torch.nn.ModuleList(TorchCLIPLayer(clip_config) for _ in range(2))
+        self.audio_alignment_layer = torch.nn.ModuleList(TorchHubertLayer(hubert_config) for _ in range(2))
+        self.visual_llm_project = torch.nn.Linear(clip_config.hidden_size, qwen_config.hidden_size)
+        self.audio_llm_project = torch.nn.Linear(hubert_config.hidden_size, qwen_config.hidden_size)
+        self.llm = transformers.Qwen3ForCausalLM(qwen_config)
+
+    def video_tokens(self, frames_nhwc):
+        b, f = frames_nhwc.shape[:2]
+        pixels = frames_nhwc.reshape(b * f, IMAGE, IMAGE, 3).permute(0, 3, 1, 2)
+        x = self.clip(pixel_values=pixels).last_hidden_state[:, 0].reshape(b, f, -1) + self.position_embedding
+        for layer in self.visual_alignment_layer:
+            x = layer(x, None)
+        return self.visual_llm_project(x)
+
+    def audio_tokens(self, audio, audio_mask):
+        audio, audio_mask = audio[:, :MAX_SAMPLES], audio_mask[:, :MAX_SAMPLES]
+        hidden = self.hubert(audio, attention_mask=audio_mask).last_hidden_state
+        lengths = self.hubert._get_feat_extract_output_lengths(audio_mask.sum(-1))
+        mask = (torch.arange(hidden.shape[1])[None, :] < lengths[:, None]).float()
+        x = hidden * mask[..., None]
+        bias = (1.0 - mask[:, None, None, :]) * torch.finfo(x.dtype).min
+        for layer in self.audio_alignment_layer:
+            x = layer(x, attention_mask=bias)
+        return [t[:n] for t, n in zip(self.audio_llm_project(x * mask[..., None]), lengths.tolist())]
+
+    def forward(self, tokenizer, frames, audio, audio_mask):
+        embed = self.llm.get_input_embeddings()
+        text_ids = lambda s: torch.tensor(tokenizer.encode(s, add_special_tokens=False), dtype=torch.long)  # noqa: E731
+        video, sound = self.video_tokens(frames), self.audio_tokens(audio, audio_mask)
+        rows, labels = [], []
+        for b, (audio_len, has_video, subtitle, target) in enumerate(SAMPLES):
+            text = prompt.PROMPT_TEMPLATE.format(subtitle=subtitle, instruction=INSTRUCTION)
+            pieces: list = [text]
+            for present, placeholder, tokens in ((audio_len, "<AudioHere>", sound[b]), (has_video, "<VideoHere>", video[b])):
+                if present:
+                    before, after = pieces.pop().split(placeholder)
+                    pieces += [before, tokens, after]
+            parts = [embed(torch.tensor([tokenizer.pad_token_id]))]
+            parts += [embed(text_ids(p)) if isinstance(p, str) else p for p in pieces]
+            condition = sum(p.shape[0] for p in parts)
+            target_ids = torch.cat([text_ids(target), torch.tensor([tokenizer.eos_token_id])])
+            rows.append(torch.cat(parts + [embed(target_ids)]))
+            labels.append(torch.cat([torch.full((condition,), -100), target_ids]))
+        length = max(r.shape[0] for r in rows)
+        embeds = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows])
+        mask = torch.stack([(torch.arange(length) < r.shape[0]).long() for r in rows])
+        label_batch = torch.stack([torch.nn.functional.pad(lab, (0, length - lab.shape[0]), value=-100) for lab in labels])
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=label_batch)
+        return out.loss, out.logits, [r.shape[0] for r in rows]
+
+
+def load_into(model: XEmoGPT, reference: TorchXEmoGPT) -> None:
+    for part, tensors, key_map in (
+        (model.vision_tower, torch_state(reference.clip, ""), clip_params.vision_key_map),
+        (model.audio_tower, torch_state(reference.hubert, ""), hubert_params.hubert_key_map()),
+        (model.llm, torch_state(reference.llm, ""), qwen3_params.hf_key_map),
+    ):
+        missing = hf_io.assign(part, tensors, key_map).missing
+        assert not [name for name in missing if "/lora_" not in name]
+    tensors = [(("vecb", "position_embedding"), reference.position_embedding.detach().numpy()[0])]
+    for name in ("visual_alignment_layer", "audio_alignment_layer", "visual_llm_project", "audio_llm_project"):
+        prefix = {"visual_alignment_layer": "vecb.", "audio_alignment_layer": "aecb."}.get(name, "")
+        tensors += linear_and_norm_tensors(getattr(reference, name), prefix + name)
+    assign_paths(model, tensors)
+
+
+def randomize_lora_and_merge_into(model: XEmoGPT, reference: TorchXEmoGPT, seed: int) -> None:
+    """Give the adapters non-zero weights and fold the same update into the reference's base weights."""
+    rng = np.random.default_rng(seed)
+    attn = model.llm.layers.self_attn
+    for name in LORA.targets:
+        proj = getattr(attn, name)
+        proj.lora_a[...] = rng.normal(0, 0.2, proj.lora_a.shape).astype(np.float32)
+        proj.lora_b[...] = rng.normal(0, 0.2, proj.lora_b.shape).astype(np.float32)
+        delta = LORA.scale * np.einsum("lir,lro->lio", np.asarray(proj.lora_a[...]), np.asarray(proj.lora_b[...]))
+        with torch.no_grad():
+            for i, layer in enumerate(reference.llm.model.layers):
+                getattr(layer.self_attn, name).weight.add_(to_torch(delta[i].T))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = byte_tokenizer()
+    clip_hf, hubert_hf, qwen_hf = hf_configs(tokenizer)
+    torch.manual_seed(0)
+    reference = TorchXEmoGPT(clip_hf, hubert_hf, qwen_hf).eval()
+    randomize(reference, seed=0)
+    config = XEmoGPTConfig(
+        vision=CLIPVisionConfig.from_hf(clip_hf.to_dict()),
+        hubert=HubertConfig.from_hf(hubert_hf.to_dict()),
+        llm=Qwen3Config.from_hf(qwen_hf.to_dict(), lora=LORA),
+        num_frames=FRAMES, max_audio_samples=MAX_SAMPLES, align_dim=16, video_text_dim=8, audio_text_dim=8,
+    )
+    model = XEmoGPT(config, rngs=nnx.Rngs(0))
+    load_into(model, reference)
+    randomize_lora_and_merge_into(model, reference, seed=1)
+
+    rng = np.random.default_rng(0)
+    frames = rng.normal(size=(len(SAMPLES), FRAMES, IMAGE, IMAGE, 3)).astype(np.float32)
+    audio = np.zeros((len(SAMPLES), AUDIO_LEN), np.float32)
+    audio_mask = np.zeros((len(SAMPLES), AUDIO_LEN), np.int32)
+    samples = []
+    for b, (audio_len, has_video, subtitle, target) in enumerate(SAMPLES):
+        if audio_len:
+            audio[b, :audio_len] = rng.normal(size=audio_len)
+            audio_mask[b, :audio_len] = 1
+        samples.append(
+            prompt.build_sample(
+                tokenizer, subtitle=subtitle, instruction=INSTRUCTION, target=target, has_video=has_video,
+                num_audio_tokens=config.num_audio_tokens(audio_len) if audio_len else None, num_video_tokens=FRAMES,
+            )
+        )
+    batch = prompt.collate(samples, buckets=(128, 384, 512), pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        want_loss, want_logits, lengths = reference(tokenizer, to_torch(frames), to_torch(audio), to_torch(audio_mask))
+    inputs = {k: v for k, v in batch.items() if k != "condition_length"}
+    return dict(
+        model=model, inputs=inputs, frames=frames, audio=audio, audio_mask=audio_mask, samples=samples,
+        want_loss=float(want_loss), want_logits=want_logits.numpy(), lengths=lengths,
+    )
+
+
+@nnx.jit
+def forward(model, inputs, media):
+    return model(**inputs, **media)
+
+
+def test_loss_matches_pytorch_composition(setup):
+    s = setup
+    assert [len(x) for x in s["samples"]] == s["lengths"]
+    assert s["inputs"]["token_ids"].shape[1] == 384
+    loss, logits = forward(s["model"], s["inputs"], dict(frames=s["frames"], audio=s["audio"], audio_mask=s["audio_mask"]))
+    np.testing.assert_allclose(float(loss), s["want_loss"], atol=1e-4, rtol=0)
+    for row, n in enumerate(s["lengths"]):
+        np.testing.assert_allclose(np.asarray(logits)[row, :n], s["want_logits"][row, :n], atol=2e-4, rtol=0)
+
+
+def test_precomputed_features_give_the_same_loss(setup):
+    s = setup
+    model = s["model"]
+    clip_features = nnx.jit(lambda m, x: m.clip_features(x))(model, s["frames"])
+    audio_features, frame_mask = nnx.jit(lambda m, a, k: m.audio_features(a, k))(model, s["audio"], s["audio_mask"])
+    assert clip_features.shape == (len(SAMPLES), FRAMES, 32)
+    assert not np.asarray(audio_features)[~np.asarray(frame_mask)].any()
+    precomputed = dict(clip_features=clip_features, audio_features=audio_features, audio_frame_mask=frame_mask)
+    loss, _ = forward(model, s["inputs"], precomputed)
+    np.testing.assert_allclose(float(loss), s["want_loss"], atol=1e-4, rtol=0)
+    raw, _ = forward(model, s["inputs"], dict(frames=s["frames"], audio=s["audio"], audio_mask=s["audio_mask"]))
+    np.testing.assert_allclose(float(loss), float(raw), atol=1e-6, rtol=0)
+
+
+def test_input_embeddings_drive_the_llm(setup):
+    """Generation starts from ``input_embeddings``: feeding them to the LLM reproduces the forward's logits."""
+    s = setup
+    model, inputs = s["model"], s["inputs"]
+    audio_features, frame_mask = model.audio_features(s["audio"], s["audio_mask"])
+    embeds = model.input_embeddings(
+        inputs["token_ids"], inputs["kind"], inputs["feature_index"], clip_features=model.clip_features(s["frames"]),
+        audio_features=audio_features, audio_frame_mask=frame_mask,
+    )
+    logits = nnx.jit(lambda m, e, k: m.llm(inputs_embeds=e, attention_mask=k))(model, embeds, inputs["attention_mask"])
+    for row, n in enumerate(s["lengths"]):
+        np.testing.assert_allclose(np.asarray(logits)[row, :n], s["want_logits"][row, :n], atol=2e-4, rtol=0)
+
+
+def _hf_param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _count(state) -> int:
+    return sum(math.prod(v.shape) for v in jax.tree.leaves(state))
+
+
+def test_paper_scale_builds_abstractly_and_shards():
+    config = paper_config()
+    model = nnx.eval_shape(lambda: XEmoGPT(config, rngs=nnx.Rngs(0)))
+    counts = {name: _count(nnx.state(getattr(model, name), nnx.Param)) for name in (
+        "vision_tower", "audio_tower", "vecb", "aecb", "visual_llm_project", "audio_llm_project", "llm")}
+    adapters = _count(nnx.state(model, lora.LoraParam))
+
+    with torch.device("meta"):
+        clip_hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+            image_size=224, patch_size=14))
+        hubert_hf = transformers.HubertModel(transformers.HubertConfig(**config.hubert.to_hf()))
+        qwen_hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config.llm.to_hf()))
+        clip_layer = _hf_param_count(TorchCLIPLayer(clip_hf.config))
+        hubert_layer = _hf_param_count(TorchHubertLayer(hubert_hf.config))
+    d, hidden, r = 1024, 2560, 512
+    assert counts["vision_tower"] == _hf_param_count(clip_hf)
+    assert counts["audio_tower"] == _hf_param_count(hubert_hf)
+    assert counts["llm"] == _hf_param_count(qwen_hf) + adapters
+    assert adapters == 36 * r * ((hidden + 32 * 128) + 2 * (hidden + 8 * 128))
+    heads = 16 * d + d + (d * 768 + 768) + (768 * 768 + 768) + (768 * 768 + 768 + 768 + 1) + (d * d + d)
+    assert counts["vecb"] == 2 * clip_layer + heads
+    assert counts["aecb"] == 2 * hubert_layer + 2 * (768 * 768 + 768) + (d * 768 - 768 * 768)
+    assert counts["visual_llm_project"] == counts["audio_llm_project"] == d * hidden + hidden
+    print("paper-scale parameter counts:", counts, "lora adapters:", adapters)
+
+    mesh = sharding.make_mesh((2, 2, 2))
+    state = nnx.state(model)
+    shardings = sharding.state_shardings(state, mesh)
+    total = per_device = 0
+    for variable, named in zip(
+        jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)), jax.tree.leaves(shardings)
+    ):
+        size = math.prod(variable.shape)
+        total += size
+        per_device += math.prod(named.shard_shape(variable.shape))
+    assert per_device < 0.3 * total  # fsdp x tensor = 4-way split of nearly every byte
+    embed_spec = shardings["llm"]["embed_tokens"]["embedding"].spec
+    assert embed_spec == jax.sharding.PartitionSpec("tensor", "fsdp")

@@ -1,0 +1,204 @@
+"""XEmoGPT assembled: frozen CLIP and HuBERT, the two cue bridges, projections, and the Qwen LLM.
+
+Video: frames ``[B, F, H, W, 3]`` are folded into the batch for the CLIP tower; each frame's CLS
+(before the post-layernorm) goes through the VECB and ``visual_llm_project``: F video tokens.
+Audio: waveform ``[B, S]`` + sample mask -> HuBERT last hidden state + frame mask, padded frames
+zeroed -> AECB -> ``audio_llm_project``: one token per frame (only valid frames have slots).
+
+Tokens enter the LLM's embedding stream at the slots that :mod:`xemogpt_jax.prompt` lays out:
+every position gathers ``audio_tokens[b, feature_index]`` and ``video_tokens[b, feature_index]``
+and keeps the one its ``kind`` names, so one static-shape program serves batches that mix
+video-only, audio-only, audio+video and text-only samples. A bridge gets gradient only through
+the slots of samples that have its modality, which is the stage-3 rule of the spec.
+
+The encoders are frozen in every stage, so their outputs pass through ``stop_gradient``; the
+same features may be precomputed (``clip_features``, ``audio_features`` + ``audio_frame_mask``)
+and passed instead of frames/waveforms, with identical results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xemogpt_jax import losses, prompt
+from xemogpt_jax.models import bridges, lora as lora_lib
+from xemogpt_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
+from xemogpt_jax.models.hubert import HubertConfig, HubertModel
+from xemogpt_jax.models.layers import DType
+from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_4b
+
+# Batch keys the model reads (a collated prompt batch plus the media inputs of one of two forms).
+MODEL_INPUTS = (
+    "token_ids", "kind", "feature_index", "labels", "attention_mask", "positions",
+    "frames", "clip_features", "audio", "audio_mask", "audio_features", "audio_frame_mask",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class XEmoGPTConfig:
+    """All parts' configs plus the bridge sizes; ``dtype`` is the compute dtype of CLIP, the VECB and projections."""
+
+    vision: CLIPVisionConfig = CLIPVisionConfig()
+    hubert: HubertConfig = HubertConfig()
+    llm: Qwen3Config = Qwen3Config()
+    vecb_layers: int = 2
+    aecb_layers: int = 2
+    num_frames: int = prompt.NUM_VIDEO_TOKENS
+    max_audio_samples: int = 192_000  # the first 12 s at 16 kHz
+    max_context: int = prompt.MAX_CONTEXT
+    align_dim: int = bridges.ALIGN_DIM
+    video_text_dim: int = 768  # CLIP text features after its projection
+    audio_text_dim: int = 768  # LaBSE sentence embeddings
+    dtype: DType = None
+    param_dtype: DType = jnp.float32
+
+    @property
+    def vecb(self) -> bridges.VECBConfig:
+        return bridges.VECBConfig(
+            encoder=self.vision, num_layers=self.vecb_layers, num_frames=self.num_frames,
+            align_dim=self.align_dim, text_dim=self.video_text_dim,
+        )
+
+    @property
+    def aecb(self) -> bridges.AECBConfig:
+        return bridges.AECBConfig(
+            encoder=self.hubert, num_layers=self.aecb_layers, align_dim=self.align_dim, text_dim=self.audio_text_dim
+        )
+
+    def num_audio_tokens(self, num_samples: int) -> int:
+        """Audio slots for a clip of ``num_samples`` samples: HuBERT frames of its first ``max_audio_samples``."""
+        return int(self.hubert.conv_output_length(min(int(num_samples), self.max_audio_samples)))
+
+    def replace(self, **changes: Any) -> XEmoGPTConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def paper_config(lora: lora_lib.LoraConfig | None = lora_lib.LoraConfig(), **overrides: Any) -> XEmoGPTConfig:
+    """The paper's scale: CLIP ViT-L/14 @224, HuBERT-large (stable layer norm), Qwen3-4B with LoRA on q, k, v."""
+    vision = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        hidden_act="quick_gelu", layer_norm_eps=1e-5, image_size=224, patch_size=14,
+    )
+    hubert = HubertConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        feat_extract_norm="layer", conv_bias=True, do_stable_layer_norm=True, feat_proj_layer_norm=False,
+    )
+    return XEmoGPTConfig(vision=vision, hubert=hubert, llm=qwen3_4b(lora=lora), **overrides)
+
+
+def splice(
+    text: jax.Array,
+    kind: jax.Array,
+    feature_index: jax.Array,
+    audio_tokens: jax.Array | None,
+    video_tokens: jax.Array | None,
+) -> jax.Array:
+    """Fill the audio/video slots of ``text [B, L, D]`` from ``[B, T, D]`` / ``[B, F, D]`` token tables."""
+    out = text
+    for slot_kind, tokens in ((prompt.AUDIO, audio_tokens), (prompt.VIDEO, video_tokens)):
+        if tokens is None:
+            continue
+        index = jnp.clip(feature_index, 0, tokens.shape[1] - 1)
+        gathered = jnp.take_along_axis(tokens.astype(text.dtype), index[..., None], axis=1)
+        out = jnp.where((kind == slot_kind)[..., None], gathered, out)
+    return out
+
+
+class XEmoGPT(nnx.Module):
+    """Frozen encoders + VECB/AECB + projections + LLM; ``__call__`` gives ``(loss, logits)``."""
+
+    def __init__(self, config: XEmoGPTConfig, *, rngs: nnx.Rngs):
+        c = config
+        opts = dict(rngs=rngs, dtype=c.dtype, param_dtype=c.param_dtype)
+        self.config = config
+        self.vision_tower = CLIPVisionModel(c.vision, **opts)
+        self.audio_tower = HubertModel(c.hubert, rngs=rngs)
+        self.vecb = bridges.VECB(c.vecb, **opts)
+        self.aecb = bridges.AECB(c.aecb, rngs=rngs)
+        self.visual_llm_project = bridges.llm_projection(c.vision.hidden_size, c.llm.hidden_size, **opts)
+        self.audio_llm_project = bridges.llm_projection(c.hubert.hidden_size, c.llm.hidden_size, **opts)
+        self.llm = Qwen3ForCausalLM(c.llm, rngs=rngs)
+
+    def clip_features(self, frames: jax.Array) -> jax.Array:
+        """Normalised frames ``[B, F, H, W, 3]`` -> per-frame CLS before the post-layernorm ``[B, F, D_v]`` (frozen)."""
+        batch, num_frames = frames.shape[:2]
+        cls = self.vision_tower(frames.reshape(batch * num_frames, *frames.shape[2:])).cls_token
+        return jax.lax.stop_gradient(cls.reshape(batch, num_frames, -1))
+
+    def audio_features(self, audio: jax.Array, audio_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Waveform ``[B, S]`` + sample mask -> (HuBERT last hidden ``[B, T, D_a]`` with padded frames 0, frame mask).
+
+        Only the first ``max_audio_samples`` samples are used (the release's 12 s).
+        """
+        limit = self.config.max_audio_samples
+        hidden, frame_mask = self.audio_tower(audio[:, :limit], audio_mask[:, :limit])
+        hidden = jnp.where(frame_mask[..., None], hidden, jnp.zeros((), hidden.dtype))
+        return jax.lax.stop_gradient(hidden), frame_mask
+
+    def video_tokens(self, clip_features: jax.Array) -> jax.Array:
+        """``[B, F, D_v]`` CLS features -> ``[B, F, D_llm]`` video tokens."""
+        return self.visual_llm_project(self.vecb(clip_features))
+
+    def audio_tokens(self, audio_features: jax.Array, audio_frame_mask: jax.Array) -> jax.Array:
+        """``[B, T, D_a]`` HuBERT features + frame mask -> ``[B, T, D_llm]`` audio tokens (padded frames project 0)."""
+        return self.audio_llm_project(self.aecb(audio_features, audio_frame_mask))
+
+    def input_embeddings(
+        self,
+        token_ids: jax.Array,
+        kind: jax.Array,
+        feature_index: jax.Array,
+        *,
+        frames: jax.Array | None = None,
+        clip_features: jax.Array | None = None,
+        audio: jax.Array | None = None,
+        audio_mask: jax.Array | None = None,
+        audio_features: jax.Array | None = None,
+        audio_frame_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """The LLM input embeddings ``[B, L, D_llm]`` of a laid-out batch (also the start point of generation).
+
+        Give video as ``frames`` or ``clip_features``, audio as ``audio`` + ``audio_mask`` or
+        ``audio_features`` + ``audio_frame_mask``; a modality given neither way leaves its slots
+        holding the embedding of token 0, so pass it whenever the batch has such slots.
+        """
+        if frames is not None:
+            clip_features = self.clip_features(frames)
+        if audio is not None:
+            audio_features, audio_frame_mask = self.audio_features(audio, audio_mask)
+        video = None if clip_features is None else self.video_tokens(clip_features)
+        sound = None if audio_features is None else self.audio_tokens(audio_features, audio_frame_mask)
+        return splice(self.llm.embed(token_ids), kind, feature_index, sound, video)
+
+    def __call__(
+        self,
+        token_ids: jax.Array,
+        kind: jax.Array,
+        feature_index: jax.Array,
+        labels: jax.Array,
+        attention_mask: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        frames: jax.Array | None = None,
+        clip_features: jax.Array | None = None,
+        audio: jax.Array | None = None,
+        audio_mask: jax.Array | None = None,
+        audio_features: jax.Array | None = None,
+        audio_frame_mask: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """``(loss, logits)``: causal-LM cross-entropy over the target tokens (pre-shifted ``labels``)."""
+        embeds = self.input_embeddings(
+            token_ids, kind, feature_index, frames=frames, clip_features=clip_features, audio=audio,
+            audio_mask=audio_mask, audio_features=audio_features, audio_frame_mask=audio_frame_mask,
+        )
+        logits = self.llm(
+            inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, dropout_rng=dropout_rng
+        )
+        loss, _ = losses.causal_lm_cross_entropy(logits, labels)
+        return loss, logits
