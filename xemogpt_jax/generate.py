@@ -4,7 +4,10 @@ One jitted function per (model graph, generation config): a prefill over the (le
 right-padded) prompt fills a static-size :class:`KVCache`, then a ``while_loop`` decodes one
 token per step. Prompts may be token ids or input embeddings (the multimodal model's path).
 Beam search follows transformers' vectorised ``_beam_search`` step for step (2K candidates,
-finished-hypothesis pool, length penalty, early-stop heuristic) so its best beams agree.
+finished-hypothesis pool, length penalty, early-stop heuristic) so its best beams agree. With
+``do_sample`` it is transformers' beam sampling: the beams' log-probs are divided by the temperature
+and top-p filtered (keeping at least one non-EOS token), and the 2K candidates are drawn without
+replacement from the softmax of the accumulated scores (Gumbel top-k) instead of taken greedily.
 """
 
 from __future__ import annotations
@@ -38,8 +41,6 @@ class GenerationConfig:
     def __post_init__(self):
         eos = self.eos_token_id
         object.__setattr__(self, "eos_token_id", tuple(eos) if isinstance(eos, (list, tuple)) else (eos,) if eos is not None else ())
-        if self.num_beams > 1 and self.do_sample:
-            raise ValueError("beam sampling is not supported; use num_beams=1 with do_sample=True")
 
 
 def generate(
@@ -67,7 +68,7 @@ def _generate_jit(graphdef, state, input_ids, inputs_embeds, attention_mask, rng
     model = nnx.merge(graphdef, state)
     logits, cache = _prefill(model, input_ids, inputs_embeds, attention_mask, config.max_new_tokens)
     if config.num_beams > 1:
-        return _beam_search(model, logits, cache, config)
+        return _beam_search(model, logits, cache, config, rng)
     return _sample_loop(model, logits, cache, rng, config)
 
 
@@ -96,12 +97,12 @@ def _is_eos(tokens: jax.Array, config: GenerationConfig) -> jax.Array:
     return hit
 
 
-def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
+def top_p_filter(logits: jax.Array, top_p: float, min_tokens_to_keep: int = 1) -> jax.Array:
     """Keep the smallest set of tokens whose probability reaches ``top_p`` (HF ``TopPLogitsWarper``)."""
     sorted_logits = jnp.sort(logits, axis=-1)
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
     remove_sorted = cumulative <= 1.0 - top_p
-    remove_sorted = remove_sorted.at[..., -1].set(False)
+    remove_sorted = remove_sorted.at[..., -min_tokens_to_keep:].set(False)
     threshold = jnp.min(jnp.where(remove_sorted, jnp.inf, sorted_logits), axis=-1, keepdims=True)
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
@@ -156,14 +157,35 @@ def _reorder_cache(cache: KVCache, flat_parents: jax.Array) -> KVCache:
     )
 
 
-def _beam_search(model, logits, cache, config: GenerationConfig) -> jax.Array:
+def _beam_log_probs(logits: jax.Array, config: GenerationConfig) -> jax.Array:
+    """Next-token scores of the beams: log-softmax, then (sampling only) temperature and top-p, as HF orders them."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    if not config.do_sample:
+        return log_probs
+    log_probs = log_probs / config.temperature
+    if config.top_p < 1.0:
+        log_probs = top_p_filter(log_probs, config.top_p, min_tokens_to_keep=max(1, len(config.eos_token_id)) + 1)
+    return log_probs
+
+
+def _top_candidates(accumulated: jax.Array, keep: int, key: jax.Array, config: GenerationConfig):
+    """The ``keep`` best (or, sampling, drawn without replacement) candidates, scores descending."""
+    if not config.do_sample:
+        return jax.lax.top_k(accumulated, keep)
+    _, drawn = jax.lax.top_k(accumulated + jax.random.gumbel(key, accumulated.shape), keep)
+    scores = jnp.take_along_axis(accumulated, drawn, axis=1)
+    order = jnp.argsort(-scores, axis=1, stable=True)
+    return jnp.take_along_axis(scores, order, axis=1), jnp.take_along_axis(drawn, order, axis=1)
+
+
+def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array) -> jax.Array:
     """transformers' beam search over ``K = num_beams`` beams per row; returns each row's best finished beam."""
     batch, vocab = logits.shape
     k, n = config.num_beams, config.max_new_tokens
     keep = max(2, 1 + len(config.eos_token_id)) * k
     top_k_mask = jnp.arange(keep) < k
     cache = _reorder_cache(cache, jnp.repeat(jnp.arange(batch), k))
-    log_probs = jnp.repeat(jax.nn.log_softmax(logits, axis=-1)[:, None], k, axis=1)
+    log_probs = jnp.repeat(_beam_log_probs(logits, config)[:, None], k, axis=1)
 
     state = dict(
         running_seq=jnp.full((batch, k, n), config.pad_token_id, jnp.int32),
@@ -177,7 +199,7 @@ def _beam_search(model, logits, cache, config: GenerationConfig) -> jax.Array:
     def select(step, log_probs, s):
         """One beam step given the next-token log-probs of the running beams; returns parents too."""
         accumulated = (log_probs + s["running_scores"][:, :, None]).reshape(batch, k * vocab)
-        topk_scores, topk_idx = jax.lax.top_k(accumulated, keep)
+        topk_scores, topk_idx = _top_candidates(accumulated, keep, jax.random.fold_in(rng, step), config)
         parents, tokens = topk_idx // vocab, (topk_idx % vocab).astype(jnp.int32)
         topk_seq = _gather_beams(s["running_seq"], parents)
         topk_seq = jax.lax.dynamic_update_slice(topk_seq, tokens[:, :, None], (0, 0, step))
@@ -225,7 +247,7 @@ def _beam_search(model, logits, cache, config: GenerationConfig) -> jax.Array:
         flat_parents = (parents + jnp.arange(batch)[:, None] * k).reshape(-1)
         cache = _reorder_cache(cache, flat_parents)
         logits, cache = _decode_step(model, tokens.reshape(-1), cache)
-        log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, k, vocab)
+        log_probs = _beam_log_probs(logits, config).reshape(batch, k, vocab)
         s, parents, tokens = select(step, log_probs, s)
         return step + 1, s, parents, tokens, cache
 

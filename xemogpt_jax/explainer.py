@@ -1,0 +1,339 @@
+"""Load a checkpoint once, then explain clips or answer text prompts: the core of infer, serve and cue extraction.
+
+A clip (16 CLIP-cropped frames and/or 16 kHz mono audio, plus a subtitle) is laid out with
+:mod:`xemogpt_jax.prompt` under the release's inference instruction, left-padded with its batch,
+turned into LLM input embeddings by the assembled model (encoders, bridges, projections spliced
+into the text stream) and decoded by :func:`xemogpt_jax.generate.generate`. Shapes are rounded up
+(batch to a power of two, audio to whole seconds, prompts to the config's length buckets) so a
+stream of clips compiles only a handful of programs.
+
+``--checkpoint`` is a trainer workdir (or its ``checkpoints/`` folder): the stored run config
+describes the architecture, the ``state`` item's ``model`` subtree holds the trained parameters.
+Parameters a checkpoint does not hold (the frozen encoders and base LLM of a stage-3 run) come
+from the config's ``init_from`` HF folders, or, when those are empty (random-init runs such as the
+demo), from the run's seed exactly as the trainer initialised them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data_pipelines import media, schema
+from xemogpt_jax import checkpoint as checkpoint_lib
+from xemogpt_jax import prompt
+from xemogpt_jax.generate import GenerationConfig, generate
+from xemogpt_jax.models import clip_params, hf_io, hubert_params, lora as lora_lib, qwen3_params
+from xemogpt_jax.models.clip import CLIPVisionConfig
+from xemogpt_jax.models.hubert import HubertConfig
+from xemogpt_jax.models.qwen3 import Qwen3Config, parse_dtype
+from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig
+from xemogpt_jax.preprocessing import audio as audio_pre
+from xemogpt_jax.preprocessing import image as image_pre
+
+Messages = Sequence[dict[str, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """Decoding options; the defaults are the release's (spec section 3)."""
+
+    max_new_tokens: int = 756
+    num_beams: int = 5
+    do_sample: bool = True
+    temperature: float = 0.3
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.repetition_penalty != 1.0:
+            raise ValueError("repetition_penalty other than 1.0 (the release's value) is not implemented")
+        if self.max_new_tokens < 1 or self.num_beams < 1:
+            raise ValueError("max_new_tokens and num_beams must be at least 1")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError("sampling needs temperature > 0 (use do_sample=False for greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """One input: frames uint8 ``[F, S, S, 3]`` (already CLIP-cropped), mono 16 kHz float audio, subtitle."""
+
+    clip_id: str
+    frames: np.ndarray | None = None
+    audio: np.ndarray | None = None
+    subtitle: str = ""
+
+    def __post_init__(self) -> None:
+        if self.frames is None and self.audio is None:
+            raise ValueError(f"clip {self.clip_id!r} has neither video nor audio")
+
+
+def read_clip(
+    clip_id: str, video: str | Path | None = None, audio: str | Path | None = None, subtitle: str = "",
+    *, frame_size: int = 224, num_frames: int = schema.NUM_FRAMES,
+) -> Clip:
+    """Decode a clip's media; without ``audio``, the video's own audio track is used when it has one.
+
+    Raises :class:`data_pipelines.media.MediaError` for a missing, empty or corrupt file.
+    """
+    frames = None
+    if video is not None:
+        frames = media.decode_video(video, frame_size=frame_size, num_frames=num_frames).frames
+    waveform = None
+    if audio is not None:
+        waveform = media.decode_audio(audio)
+    elif video is not None:
+        try:
+            waveform = media.decode_audio(video)
+        except media.MediaError as error:
+            if error.problem != "no audio stream":
+                raise
+    if waveform is not None:
+        waveform = waveform.astype(np.float32) / 32768.0
+    return Clip(clip_id, frames, waveform, subtitle)
+
+
+def clip_from_record(record: dict[str, Any]) -> Clip:
+    """A built ArrayRecord clip (see :mod:`data_pipelines.schema`) as an input."""
+    frames = record["frames"] if record["has_video"] else None
+    audio = schema.audio_float32(record) if record["has_audio"] else None
+    return Clip(record["clip_id"], frames, audio, record["subtitle"])
+
+
+def xemogpt_config(run: dict[str, Any]) -> XEmoGPTConfig:
+    """The assembled model's config from a stored run config (``configs/sft.py`` fields).
+
+    A non-empty ``init_from`` folder's ``config.json`` wins over the architecture fields, as in training.
+    """
+    model, init = run["model"], run.get("init_from", {})
+    lora = model.get("lora") or {}
+    lora_config = None
+    if lora.get("rank", 0) > 0:
+        lora_config = lora_lib.LoraConfig(
+            rank=lora["rank"], alpha=lora["alpha"], dropout=0.0, targets=tuple(lora["targets"])
+        )
+    dtype = parse_dtype(run.get("dtype", "float32"))
+    llm_hf = hf_io.read_config(init["llm"]) if init.get("llm") else model["llm"]
+    clip_hf = hf_io.read_config(init["clip"]) if init.get("clip") else model["clip"]
+    hubert_hf = hf_io.read_config(init["hubert"]) if init.get("hubert") else model["hubert"]
+    vision_hf = clip_hf.get("vision_config", clip_hf)
+    data = run.get("data", {})
+    return XEmoGPTConfig(
+        vision=CLIPVisionConfig.from_hf(vision_hf),
+        hubert=HubertConfig.from_hf(hubert_hf, dtype=dtype),
+        llm=Qwen3Config.from_hf(llm_hf, dtype=dtype, lora=lora_config),
+        vecb_layers=model.get("bridge_layers", 2),
+        aecb_layers=model.get("bridge_layers", 2),
+        num_frames=model.get("num_frames", prompt.NUM_VIDEO_TOKENS),
+        max_audio_samples=int(data.get("max_audio_seconds", audio_pre.MAX_SECONDS) * audio_pre.SAMPLING_RATE),
+        max_context=data.get("max_context", prompt.MAX_CONTEXT),
+        dtype=dtype,
+    )
+
+
+def checkpoint_directory(path: str | Path) -> Path:
+    """A trainer workdir or its ``checkpoints/`` folder -> the folder the Orbax manager owns."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is not a directory")
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def _load_frozen_parts(model: XEmoGPT, init: dict[str, Any]) -> None:
+    """Fill encoders / base LLM from the run's ``init_from`` HF folders (those it names)."""
+    parts = (
+        ("clip", model.vision_tower, clip_params.vision_key_map),
+        ("hubert", model.audio_tower, hubert_params.hubert_key_map()),
+        ("llm", model.llm, qwen3_params.hf_key_map),
+    )
+    for name, module, key_map in parts:
+        if init.get(name):
+            hf_io.assign(module, hf_io.iter_tensors(init[name]), key_map)
+
+
+def _tokenizer_folder(directory: Path, run: dict[str, Any], override: str | Path | None) -> Path:
+    init = run.get("init_from", {})
+    for candidate in (override, directory / "tokenizer", directory.parent / "tokenizer",
+                      init.get("tokenizer"), init.get("llm")):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    raise FileNotFoundError(
+        f"no tokenizer for {directory}: pass --tokenizer, or set init_from.tokenizer / init_from.llm in the run config"
+    )
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class Explainer:
+    """A loaded model + tokenizer; ``explain`` clips and ``chat`` text, in batches."""
+
+    def __init__(self, model: XEmoGPT, tokenizer: Any, *, buckets: Sequence[int] = prompt.DEFAULT_BUCKETS,
+                 instruction: str = prompt.INFERENCE_INSTRUCTION):
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs a pad token (BOS of every prompt) and an EOS token")
+        self.model = model
+        self.config: XEmoGPTConfig = model.config
+        self.tokenizer = tokenizer
+        self.buckets = tuple(sorted(buckets))
+        self.instruction = instruction
+        graphdef, self._state = nnx.split(model)
+
+        @jax.jit
+        def embed(state, token_ids, kind, feature_index, frames, audio, audio_mask):
+            return nnx.merge(graphdef, state).input_embeddings(
+                token_ids, kind, feature_index, frames=frames, audio=audio, audio_mask=audio_mask
+            )
+
+        self._embed = embed
+
+    @property
+    def frame_size(self) -> int:
+        return self.config.vision.image_size
+
+    def generation_config(self, decoding: Decoding) -> GenerationConfig:
+        eos = {int(self.tokenizer.eos_token_id)}
+        llm_eos = self.config.llm.eos_token_id
+        eos |= set(llm_eos if isinstance(llm_eos, list) else [] if llm_eos is None else [llm_eos])
+        return GenerationConfig(
+            max_new_tokens=decoding.max_new_tokens, eos_token_id=tuple(sorted(eos)),
+            pad_token_id=int(self.tokenizer.pad_token_id), do_sample=decoding.do_sample,
+            temperature=decoding.temperature, top_p=decoding.top_p, num_beams=decoding.num_beams,
+        )
+
+    def decode(self, tokens: np.ndarray, eos: Sequence[int]) -> str:
+        """The release's decoding: a leading id 0 dropped, cut at EOS, special tokens skipped."""
+        ids = [int(t) for t in tokens]
+        if ids and ids[0] == 0:
+            ids = ids[1:]
+        for i, token in enumerate(ids):
+            if token in eos:
+                ids = ids[:i]
+                break
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def _generate(self, embeds: jax.Array, attention_mask: np.ndarray, count: int, decoding: Decoding) -> list[str]:
+        config = self.generation_config(decoding)
+        tokens = generate(
+            self.model.llm, inputs_embeds=embeds, attention_mask=jnp.asarray(attention_mask), config=config,
+            rng=jax.random.key(decoding.seed),
+        )
+        tokens = np.asarray(tokens)
+        return [self.decode(row, config.eos_token_id) for row in tokens[:count]]
+
+    def layout(self, clip: Clip) -> prompt.Sample:
+        num_audio = None if clip.audio is None else self.config.num_audio_tokens(len(clip.audio))
+        return prompt.build_sample(
+            self.tokenizer, subtitle=clip.subtitle, instruction=self.instruction, num_audio_tokens=num_audio,
+            has_video=clip.frames is not None, num_video_tokens=self.config.num_frames,
+            max_context=self.config.max_context,
+        )
+
+    def _media_arrays(self, clips: Sequence[Clip], rows: int):
+        """Normalised frames ``[rows, F, S, S, 3]`` and padded audio + mask, or None where no clip has that modality."""
+        frames = None
+        if any(c.frames is not None for c in clips):
+            size, count = self.frame_size, self.config.num_frames
+            frames = np.zeros((rows, count, size, size, 3), np.float32)
+            for i, clip in enumerate(clips):
+                if clip.frames is None:
+                    continue
+                if clip.frames.shape != (count, size, size, 3):
+                    raise ValueError(
+                        f"clip {clip.clip_id!r}: frames {clip.frames.shape}, the model wants {(count, size, size, 3)}"
+                    )
+                frames[i] = image_pre.normalize(clip.frames)
+        audio = audio_mask = None
+        if any(c.audio is not None for c in clips):
+            limit = self.config.max_audio_samples
+            waves = [c.audio[:limit] if c.audio is not None else np.zeros(1, np.float32) for c in clips]
+            values, mask = audio_pre.preprocess_audio(waves, max_samples=limit)
+            second = audio_pre.SAMPLING_RATE
+            width = min(limit, -(-values.shape[1] // second) * second)
+            audio = np.zeros((rows, max(width, values.shape[1])), np.float32)
+            audio_mask = np.zeros(audio.shape, np.int32)
+            audio[: len(clips), : values.shape[1]] = values
+            audio_mask[: len(clips), : values.shape[1]] = mask
+        return frames, audio, audio_mask
+
+    def explain(self, clips: Sequence[Clip], decoding: Decoding = Decoding()) -> list[str]:
+        """One explanation per clip, computed as one padded batch."""
+        if not clips:
+            return []
+        rows = _power_of_two(len(clips))
+        samples = [self.layout(c) for c in clips]
+        samples += [samples[0]] * (rows - len(samples))
+        batch = prompt.collate_for_generation(samples, self._buckets_for(samples), int(self.tokenizer.pad_token_id))
+        frames, audio, audio_mask = self._media_arrays(clips, rows)
+        embeds = self._embed(
+            self._state, jnp.asarray(batch["token_ids"]), jnp.asarray(batch["kind"]),
+            jnp.asarray(batch["feature_index"]), frames, audio, audio_mask,
+        )
+        return self._generate(embeds, batch["attention_mask"], len(clips), decoding)
+
+    def chat_prompt(self, messages: Messages) -> str:
+        """Messages in the template's ``###Human: ... ###Assistant: `` framing (system text first)."""
+        parts = []
+        for message in messages:
+            content = message.get("content", "")
+            if message.get("role") == "assistant":
+                parts.append(f"###Assistant: {content}")
+            else:
+                parts.append(f"###Human: {content}" if not parts or parts[-1].startswith("###A") else content)
+        return " ".join(parts) + " ###Assistant: "
+
+    def chat(self, conversations: Sequence[Messages], decoding: Decoding) -> list[str]:
+        """One reply per conversation (text only), as one left-padded batch."""
+        if not conversations:
+            return []
+        pad = int(self.tokenizer.pad_token_id)
+        prompts = [[pad] + self.tokenizer.encode(self.chat_prompt(m), add_special_tokens=False)[-self.config.max_context:]
+                   for m in conversations]
+        rows = _power_of_two(len(prompts))
+        prompts += [prompts[0]] * (rows - len(prompts))
+        width = prompt.pick_bucket(max(map(len, prompts)), self._buckets_for_length(max(map(len, prompts))))
+        ids = np.full((rows, width), pad, np.int32)
+        mask = np.zeros((rows, width), np.int32)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+        embeds = self.model.llm.embed(jnp.asarray(ids))
+        return self._generate(embeds, mask, len(conversations), decoding)
+
+    def _buckets_for_length(self, length: int) -> tuple[int, ...]:
+        if length <= self.buckets[-1]:
+            return self.buckets
+        return (*self.buckets, -(-length // 256) * 256)
+
+    def _buckets_for(self, samples: Sequence[prompt.Sample]) -> tuple[int, ...]:
+        return self._buckets_for_length(max(len(s) for s in samples))
+
+
+def load(checkpoint: str | Path, *, tokenizer: str | Path | None = None, step: int | None = None) -> Explainer:
+    """Build the model a checkpoint describes, fill its weights, fold LoRA in, and pick up the tokenizer."""
+    directory = checkpoint_directory(checkpoint)
+    run = checkpoint_lib.restore_config(directory, step)
+    config = xemogpt_config(run)
+    model = XEmoGPT(config, rngs=nnx.Rngs(run.get("seed", 0)))
+    init = run.get("init_from", {})
+    _load_frozen_parts(model, init)
+    trained = jax.tree.map(jnp.asarray, checkpoint_lib.restore_state_numpy(directory, step)["model"])
+    nnx.replace_by_pure_dict(state := nnx.state(model), trained)
+    nnx.update(model, state)
+    if not any(init.get(k) for k in ("clip", "hubert", "llm")):
+        logging.info("%s: weights not in the checkpoint come from the run's seed (random-init run)", directory)
+    lora_lib.merge_lora(model)
+    buckets = run.get("data", {}).get("length_buckets", prompt.DEFAULT_BUCKETS)
+    return Explainer(model, qwen3_params.load_tokenizer(_tokenizer_folder(directory, run, tokenizer)), buckets=buckets)

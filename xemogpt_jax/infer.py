@@ -1,0 +1,208 @@
+"""Explain clips from the command line, one clip or a whole annotation file / ArrayRecord folder.
+
+    python -m xemogpt_jax.infer --checkpoint DIR --video F.mp4 [--audio F.wav] [--subtitle TEXT]
+    python -m xemogpt_jax.infer --checkpoint DIR --audio F.wav            # audio only
+    python -m xemogpt_jax.infer --checkpoint DIR --batch A.csv --out preds.jsonl [--media-root DIR]
+    python -m xemogpt_jax.infer --checkpoint DIR --batch RECORDS_DIR --out preds.jsonl
+
+Without ``--audio`` the video's own audio track is used when it has one. Decoding defaults are
+the release's (max_new_tokens 756, 5 beams with sampling at temperature 0.3 and top-p 0.9, seed 42).
+
+``--batch`` writes one JSON line per clip (``id``, ``explanation``, ``seconds``: the clip's share
+of its batch's wall time) and flushes after every batch; rerunning the same command skips the ids
+already in ``--out`` and drops a half-written last line, so a killed run resumes without
+duplicates or gaps. Clips whose media cannot be decoded get an ``error`` line instead.
+
+``chat_completion(messages, checkpoint=DIR)`` is the text entry point used by
+``python -m xemogpt_jax.emocue360 extract --backend local``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import tqdm
+
+from data_pipelines import annotations as annotations_lib
+from data_pipelines import media, records, schema
+from xemogpt_jax import explainer as explainer_lib
+from xemogpt_jax.explainer import Clip, Decoding, Explainer
+
+EXIT_OK, EXIT_USAGE, EXIT_MEDIA = 0, 2, 3
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_explainer(checkpoint: str) -> Explainer:
+    return explainer_lib.load(checkpoint)
+
+
+def chat_completion(messages: Sequence[dict[str, str]], checkpoint: str, decoding: Decoding | None = None) -> str:
+    """The model's reply to a text conversation (the model is loaded once per checkpoint per process).
+
+    Default decoding here is greedy (beams 1, no sampling) with the release's token budget: cue
+    extraction wants the most likely reply.
+    """
+    decoding = decoding or Decoding(num_beams=1, do_sample=False)
+    return _cached_explainer(str(checkpoint)).chat([list(messages)], decoding)[0]
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Decoding()
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument("--num-beams", type=int, default=d.num_beams)
+    parser.add_argument("--temperature", type=float, default=d.temperature)
+    parser.add_argument("--top-p", type=float, default=d.top_p)
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--greedy", action="store_true", help="no sampling (with --num-beams 1: greedy decoding)")
+
+
+def decoding_from(args: argparse.Namespace) -> Decoding:
+    return Decoding(
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=not args.greedy,
+        temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m xemogpt_jax.infer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="trainer workdir or its checkpoints/ folder")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the run config's init_from)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    parser.add_argument("--video", type=Path)
+    parser.add_argument("--audio", type=Path)
+    parser.add_argument("--subtitle", default="")
+    parser.add_argument("--batch", type=Path, help="annotation file (.csv/.json/.jsonl) or ArrayRecord folder")
+    parser.add_argument("--out", type=Path, help="JSONL output of --batch (appended to; resumable)")
+    parser.add_argument("--media-root", type=Path, help="folder of <clip_id>.mp4 for --batch annotations "
+                                                        "(default: the annotation file's folder)")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per model call in --batch mode")
+    parser.add_argument("--no-progress", action="store_true")
+    add_decoding_arguments(parser)
+    return parser
+
+
+def finished_ids(out: Path) -> set[str]:
+    """Ids already written to ``out``; a trailing half-written line (a killed run) is cut off the file."""
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(out, "r+b") as f:
+            f.truncate(len(complete))
+    return {json.loads(line)["id"] for line in complete.decode().splitlines() if line.strip()}
+
+
+def _annotation_clips(path: Path, media_root: Path, frame_size: int) -> Iterator[tuple[str, Clip | str]]:
+    for row in annotations_lib.read_annotations(path):
+        if isinstance(row, annotations_lib.BadRow):
+            yield (row.clip_id or f"row{row.position}"), f"bad annotation row: {row.reason}"
+            continue
+        video = media_root / (row.video or f"{row.clip_id}.mp4")
+        audio = media_root / row.audio if row.audio else media_root / f"{row.clip_id}.wav"
+        try:
+            yield row.clip_id, explainer_lib.read_clip(
+                row.clip_id, video, audio if audio.exists() else None, row.subtitle, frame_size=frame_size
+            )
+        except (media.MediaError, ValueError) as error:
+            yield row.clip_id, str(error)
+
+
+def _record_clips(folder: Path) -> Iterator[tuple[str, Clip | str]]:
+    source = records.open_source(folder)
+    for index in range(len(source)):
+        record = schema.decode_record(source[index])
+        try:
+            yield record["clip_id"], explainer_lib.clip_from_record(record)
+        except ValueError as error:
+            yield record["clip_id"], str(error)
+
+
+def _count(batch: Path) -> int:
+    if batch.is_dir():
+        return int(records.load_manifest(batch)["num_records"])
+    return len(annotations_lib.read_annotations(batch))
+
+
+def run_batch(model: Explainer, batch: Path, out: Path, media_root: Path, decoding: Decoding,
+              batch_size: int, show_progress: bool) -> dict[str, int]:
+    """Explain every clip of ``batch`` not yet in ``out``; returns counts of written, skipped and failed."""
+    done = finished_ids(out)
+    clips = _record_clips(batch) if batch.is_dir() else _annotation_clips(batch, media_root, model.frame_size)
+    counts = {"written": 0, "already_done": 0, "failed": 0}
+    bar = tqdm.tqdm(total=_count(batch), disable=not show_progress, unit="clip", dynamic_ncols=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a", encoding="utf-8") as sink:
+
+        def write(lines: list[dict]) -> None:
+            sink.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+            sink.flush()
+            os.fsync(sink.fileno())
+            bar.update(len(lines))
+
+        pending: list[Clip] = []
+
+        def flush_pending() -> None:
+            start = time.perf_counter()
+            texts = model.explain(pending, decoding)
+            share = (time.perf_counter() - start) / len(pending)
+            write([{"id": c.clip_id, "explanation": t, "seconds": round(share, 4)} for c, t in zip(pending, texts)])
+            counts["written"] += len(pending)
+            pending.clear()
+
+        for clip_id, clip in clips:
+            if clip_id in done:
+                counts["already_done"] += 1
+                bar.update(1)
+                continue
+            done.add(clip_id)
+            if isinstance(clip, str):
+                write([{"id": clip_id, "error": clip}])
+                counts["failed"] += 1
+                continue
+            pending.append(clip)
+            if len(pending) == batch_size:
+                flush_pending()
+        if pending:
+            flush_pending()
+    bar.close()
+    return counts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch is None and args.video is None and args.audio is None:
+        parser.error("give --video and/or --audio, or --batch")
+    if args.batch is not None and args.out is None:
+        parser.error("--batch needs --out")
+    try:
+        decoding = decoding_from(args)
+    except ValueError as error:
+        parser.error(str(error))
+    model = explainer_lib.load(args.checkpoint, tokenizer=args.tokenizer, step=args.step)
+    if args.batch is not None:
+        media_root = args.media_root or args.batch.parent
+        counts = run_batch(model, args.batch, args.out, media_root, decoding, args.batch_size, not args.no_progress)
+        print(json.dumps(counts), file=sys.stderr)
+        return EXIT_OK
+    try:
+        clip = explainer_lib.read_clip("clip", args.video, args.audio, args.subtitle, frame_size=model.frame_size)
+    except media.MediaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_MEDIA
+    print(model.explain([clip], decoding)[0])
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
