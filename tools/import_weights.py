@@ -1,0 +1,176 @@
+"""Local HF directories (and optionally the authors' release checkpoint) -> one XEmoGPT Orbax checkpoint.
+
+    python tools/import_weights.py --llm DIR --clip DIR --hubert DIR [--labse DIR] \
+        [--release-ckpt FILE] [--adapter DIR] [--config configs/sft.py[:variant]] --out DIR
+
+Model sizes come from the HF ``config.json`` files; the config file supplies bridge depth, frame
+count, pretraining widths and LoRA settings (``--adapter``, a PEFT folder, supplies its own).
+Every source is streamed tensor by tensor into a model created directly in its sharded layout
+(``--mesh``); later sources override earlier ones (HF dirs, then the release file, then the
+adapter). The release file is a torch pickle and is opened only with
+``torch.load(..., weights_only=True)`` (safetensors files are read without pickle), so a file
+that would run code on load is refused. Unused and missing keys are reported; a tensor whose
+shape disagrees with the model stops the import, naming the key and both shapes.
+
+The output is a trainer checkpoint (``checkpoint.Checkpointer``, step 0) whose ``state`` item
+is ``{"model": every parameter}`` and whose ``config`` item is the :class:`ModelSpec` JSON.
+LaBSE is not part of the XEmoGPT tree (stage 2 runs it frozen); ``--labse`` is checked and its
+path recorded in ``sources`` for the trainer's ``init_from``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from xemogpt_jax import checkpoint, sharding  # noqa: E402
+from xemogpt_jax.models import hf_io, xemogpt_params  # noqa: E402
+from xemogpt_jax.models.xemogpt import XEmoGPT  # noqa: E402
+from xemogpt_jax.models.xemogpt_params import ModelSpec  # noqa: E402
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "sft.py")
+# Parameters a HF directory must set; everything else (bridges, heads, adapters) may keep its init.
+REQUIRED = ("llm", "vision_tower", "audio_tower")
+
+
+def load_config_file(spec: str) -> Any:
+    """``FILE[:variant]`` -> the ml_collections config of that file's ``get_config(variant)``."""
+    file, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
+    if module_spec is None or module_spec.loader is None:
+        raise FileNotFoundError(f"{file}: not a Python config file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def _model_field(config: Any, name: str, default: Any) -> Any:
+    return config.model.get(name, default) if "model" in config else default
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """LoRA settings of a PEFT adapter folder (``adapter_config.json``)."""
+    data = json.loads((Path(path) / "adapter_config.json").read_text())
+    if data.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {data.get('peft_type')!r} is not LORA")
+    targets = data["target_modules"]
+    return dict(
+        rank=data["r"], alpha=data["lora_alpha"], dropout=data.get("lora_dropout", 0.0),
+        targets=sorted(targets) if isinstance(targets, list) else [targets],
+    )
+
+
+def build_spec(args: argparse.Namespace) -> ModelSpec:
+    config = load_config_file(args.config)
+    lora = config.model.get("lora") if "model" in config else None
+    lora_settings = None if lora is None else dict(
+        rank=int(lora.rank), alpha=float(lora.alpha), dropout=float(lora.dropout), targets=list(lora.targets)
+    )
+    if args.adapter:
+        lora_settings = read_adapter_config(args.adapter)
+    text_dim = _model_field(config, "text_dim", 768)
+    sources = {k: str(Path(v).absolute()) for k, v in vars(args).items() if k in _SOURCES and v}
+    return ModelSpec(
+        llm=hf_io.read_config(args.llm),
+        vision=xemogpt_params.vision_hf_config(hf_io.read_config(args.clip)),
+        hubert=hf_io.read_config(args.hubert),
+        bridge_layers=int(_model_field(config, "bridge_layers", 2)),
+        num_frames=int(_model_field(config, "num_frames", 16)),
+        align_dim=int(_model_field(config, "align_dim", 768)),
+        video_text_dim=int(_model_field(config, "video_text_dim", text_dim)),
+        audio_text_dim=int(_model_field(config, "audio_text_dim", text_dim)),
+        lora=None if lora_settings is None or lora_settings["rank"] <= 0 else lora_settings,
+        sources=sources,
+    )
+
+
+_SOURCES = ("llm", "clip", "hubert", "labse", "release_ckpt", "adapter")
+
+
+def _prefixed(prefix: str, tensors: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    return ((prefix + name, array) for name, array in tensors)
+
+
+def release_stream(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
+    """Every source as release-named tensors, in override order."""
+    streams = [
+        _prefixed(xemogpt_params.LLM, hf_io.iter_tensors(args.llm)),
+        _prefixed(xemogpt_params.CLIP, hf_io.iter_tensors(args.clip)),
+        _prefixed(xemogpt_params.HUBERT, hf_io.iter_tensors(args.hubert)),
+    ]
+    if args.release_ckpt:
+        streams.append(hf_io.iter_tensors(args.release_ckpt))
+    return itertools.chain(*streams)
+
+
+def key_map(name: str) -> hf_io.Target | None:
+    """Release names plus PEFT adapter names (the adapter stream keeps its own prefix)."""
+    return xemogpt_params.release_key_map(name) or xemogpt_params.peft_key_map(name)
+
+
+def import_weights(args: argparse.Namespace) -> tuple[ModelSpec, hf_io.LoadReport]:
+    """Build, fill and save the model; returns its spec and what the load used."""
+    if args.labse and not (Path(args.labse) / "modules.json").is_file():
+        raise FileNotFoundError(f"{args.labse}: no modules.json; expected a sentence-transformers folder")
+    spec = build_spec(args)
+    config = spec.model_config()
+    mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
+    with jax.set_mesh(mesh):
+        model = sharding.create_sharded(lambda: XEmoGPT(config, rngs=nnx.Rngs(args.seed)), mesh)
+        tensors = release_stream(args)
+        if args.adapter:
+            tensors = itertools.chain(tensors, hf_io.iter_tensors(Path(args.adapter) / "adapter_model.safetensors"))
+        report = hf_io.assign(model, tensors, key_map, mesh)
+    missing_base = [m for m in report.missing if m.startswith(REQUIRED) and "/lora_" not in m]
+    if missing_base:
+        raise ValueError(f"no tensor for {len(missing_base)} encoder/LLM parameters: {missing_base[:8]}")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    saver = checkpoint.Checkpointer(args.out, every_steps=1, keep=1, keep_best=False, async_save=False)
+    try:
+        saver.save(0, {"model": params}, "", spec.to_json(), force=True)
+    finally:
+        saver.close()
+    return spec, report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llm", required=True, help="HF Qwen3/Qwen2 causal-LM directory")
+    parser.add_argument("--clip", required=True, help="HF CLIPModel or CLIPVisionModel directory")
+    parser.add_argument("--hubert", required=True, help="HF HubertModel directory")
+    parser.add_argument("--labse", help="sentence-transformers LaBSE folder (recorded for stage 2)")
+    parser.add_argument("--release-ckpt", help="the authors' torch state dict (.ckpt/.pth/.bin) or a safetensors file")
+    parser.add_argument("--adapter", help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="config FILE[:variant] (bridge depth, LoRA)")
+    parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor mesh shape for placing the weights")
+    parser.add_argument("--seed", type=int, default=0, help="init seed of parameters no source sets")
+    parser.add_argument("--out", required=True, help="output checkpoint directory")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> hf_io.LoadReport:
+    args = parse_args(argv)
+    spec, report = import_weights(args)
+    print(report.summary())
+    for title, names in (("unused keys", report.unused), ("missing (kept their init)", report.missing)):
+        if names:
+            print(f"{title}: {len(names)}")
+            for name in names:
+                print(f"  {name}")
+    print(f"wrote {args.out} (lora={spec.lora})")
+    return report
+
+
+if __name__ == "__main__":
+    main()
