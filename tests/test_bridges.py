@@ -9,7 +9,7 @@ from transformers import HubertConfig as HFHubertConfig
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer as TorchCLIPLayer
 from transformers.models.hubert.modeling_hubert import HubertEncoderLayer as TorchHubertLayer
 
-from tests.xemogpt_fixtures import assign_paths, linear_and_norm_tensors, to_torch
+from tests.xemogpt_fixtures import assign_paths, build_filled, linear_and_norm_tensors, to_torch
 from xemogpt_jax.models import bridges
 from xemogpt_jax.models.clip import CLIPEncoderConfig
 from xemogpt_jax.models.hubert import HubertConfig
@@ -52,7 +52,7 @@ def test_vecb_matches_clip_layer_stack():
     config = bridges.VECBConfig(
         encoder=CLIPEncoderConfig.from_hf(CLIP_HF), num_layers=2, num_frames=FRAMES, align_dim=ALIGN, text_dim=TEXT
     )
-    vecb = bridges.VECB(config, rngs=nnx.Rngs(0))
+    vecb = build_filled(lambda: bridges.VECB(config, rngs=nnx.Rngs(0)))
     tensors = linear_and_norm_tensors(reference)
     tensors += [(("position_embedding",), reference.position_embedding.detach().numpy()[0])]
     tensors += [(("attention_pooling", "attn_vector"), reference.attn_vector.detach().numpy())]
@@ -68,17 +68,22 @@ def test_vecb_matches_clip_layer_stack():
     with torch.no_grad():
         want = [t.numpy() for t in reference(to_torch(frames), to_torch(order).long(), to_torch(masked))]
         want_text = reference.text_project(to_torch(text)).numpy()
-    hidden = vecb(frames, frame_order=order, masked_frames=masked)
-    video = vecb.video_embedding(hidden)
-    got = [hidden, video, vecb.temporal_logit(video), vecb.reconstruct(hidden)]
+    @nnx.jit
+    def run(vecb, frames, order, masked, text):
+        hidden = vecb(frames, frame_order=order, masked_frames=masked)
+        video = vecb.video_embedding(hidden)
+        heads = [hidden, video, vecb.temporal_logit(video), vecb.reconstruct(hidden)]
+        return heads, vecb.text_embedding(text), vecb(frames)
+
+    got, got_text, got_plain = run(vecb, frames, order, masked, text)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), w, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(vecb.text_embedding(text)), want_text, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_text), want_text, atol=1e-5, rtol=1e-5)
 
     with torch.no_grad():
         identity = torch.arange(FRAMES).repeat(3, 1)
         plain = reference(to_torch(frames), identity, torch.zeros(3, FRAMES, dtype=torch.bool))[0].numpy()
-    np.testing.assert_allclose(np.asarray(vecb(frames)), plain, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_plain), plain, atol=1e-5, rtol=1e-5)
     assert not np.allclose(plain, want[0], atol=1e-3)
 
 
@@ -107,7 +112,7 @@ def test_aecb_matches_hubert_layer_stack():
     torch.manual_seed(1)
     reference = TorchAECB().eval()
     config = bridges.AECBConfig(encoder=HubertConfig.from_hf(HUBERT_HF), num_layers=2, align_dim=ALIGN, text_dim=TEXT)
-    aecb = bridges.AECB(config, rngs=nnx.Rngs(0))
+    aecb = build_filled(lambda: bridges.AECB(config, rngs=nnx.Rngs(0)))
     report = assign_paths(aecb, linear_and_norm_tensors(reference))
     assert not report.missing and not report.unused
 
@@ -116,17 +121,22 @@ def test_aecb_matches_hubert_layer_stack():
     mask = np.arange(11)[None, :] < np.array([[11], [7], [2]])
     with torch.no_grad():
         want_hidden, want_audio = (t.numpy() for t in reference(to_torch(hidden), to_torch(mask)))
-    got = aecb(hidden, mask)
+    @nnx.jit
+    def run(aecb, hidden, mask):
+        out = aecb(hidden, mask)
+        return out, aecb.audio_embedding(out, mask)
+
+    got, got_audio = run(aecb, hidden, mask)
     np.testing.assert_allclose(np.asarray(got), want_hidden, atol=1e-5, rtol=1e-5)
     assert not np.asarray(got)[~mask].any()
-    np.testing.assert_allclose(np.asarray(aecb.audio_embedding(got, mask)), want_audio, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_audio), want_audio, atol=1e-5, rtol=1e-5)
 
     garbage = np.where(mask[..., None], hidden, 1e3).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(aecb(garbage, mask)), want_hidden, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(run(aecb, garbage, mask)[0]), want_hidden, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_pooling_and_masked_mean_by_hand():
-    pooling = bridges.AttentionPooling(2, rngs=nnx.Rngs(0))
+    pooling = build_filled(lambda: bridges.AttentionPooling(2, rngs=nnx.Rngs(0)))
     pooling.attn_vector[...] = np.array([1.0, 0.0], np.float32)
     x = np.array([[[0.0, 1.0], [np.log(3.0), 5.0]]], np.float32)
     np.testing.assert_allclose(np.asarray(pooling(x)), [[0.25 * 0 + 0.75 * np.log(3.0), 0.25 * 1 + 0.75 * 5]], rtol=1e-6)
@@ -137,4 +147,4 @@ def test_attention_pooling_and_masked_mean_by_hand():
 def test_vecb_rejects_wrong_frame_count():
     config = bridges.VECBConfig(encoder=CLIPEncoderConfig.from_hf(CLIP_HF), num_frames=FRAMES)
     with pytest.raises(ValueError, match="frames"):
-        bridges.VECB(config, rngs=nnx.Rngs(0))(np.zeros((1, FRAMES + 1, WIDTH), np.float32))
+        build_filled(lambda: bridges.VECB(config, rngs=nnx.Rngs(0)))(np.zeros((1, FRAMES + 1, WIDTH), np.float32))

@@ -15,7 +15,7 @@ from flax import nnx
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer as TorchCLIPLayer
 from transformers.models.hubert.modeling_hubert import HubertEncoderLayer as TorchHubertLayer
 
-from tests.xemogpt_fixtures import assign_paths, byte_tokenizer, linear_and_norm_tensors, to_torch, torch_state
+from tests.xemogpt_fixtures import assign_paths, build_filled, byte_tokenizer, linear_and_norm_tensors, to_torch, torch_state
 from xemogpt_jax import prompt, sharding
 from xemogpt_jax.models import clip_params, hf_io, hubert_params, lora, qwen3_params
 from xemogpt_jax.models.clip import CLIPVisionConfig
@@ -170,7 +170,7 @@ def setup():
         llm=Qwen3Config.from_hf(qwen_hf.to_dict(), lora=LORA),
         num_frames=FRAMES, max_audio_samples=MAX_SAMPLES, align_dim=16, video_text_dim=8, audio_text_dim=8,
     )
-    model = XEmoGPT(config, rngs=nnx.Rngs(0))
+    model = build_filled(lambda: XEmoGPT(config, rngs=nnx.Rngs(0)))
     load_into(model, reference)
     randomize_lora_and_merge_into(model, reference, seed=1)
 
@@ -214,30 +214,30 @@ def test_loss_matches_pytorch_composition(setup):
         np.testing.assert_allclose(np.asarray(logits)[row, :n], s["want_logits"][row, :n], atol=2e-4, rtol=0)
 
 
-def test_precomputed_features_give_the_same_loss(setup):
+@nnx.jit
+def encode(model, frames, audio, audio_mask):
+    return model.clip_features(frames), *model.audio_features(audio, audio_mask)
+
+
+@nnx.jit
+def from_precomputed(model, inputs, features):
+    """The loss from precomputed features, and the logits of the LLM run on ``input_embeddings`` (generation's start)."""
+    loss, _ = model(**inputs, **features)
+    embeds = model.input_embeddings(inputs["token_ids"], inputs["kind"], inputs["feature_index"], **features)
+    return loss, model.llm(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+
+
+def test_precomputed_features_and_input_embeddings(setup):
     s = setup
     model = s["model"]
-    clip_features = nnx.jit(lambda m, x: m.clip_features(x))(model, s["frames"])
-    audio_features, frame_mask = nnx.jit(lambda m, a, k: m.audio_features(a, k))(model, s["audio"], s["audio_mask"])
+    clip_features, audio_features, frame_mask = encode(model, s["frames"], s["audio"], s["audio_mask"])
     assert clip_features.shape == (len(SAMPLES), FRAMES, 32)
     assert not np.asarray(audio_features)[~np.asarray(frame_mask)].any()
-    precomputed = dict(clip_features=clip_features, audio_features=audio_features, audio_frame_mask=frame_mask)
-    loss, _ = forward(model, s["inputs"], precomputed)
+    features = dict(clip_features=clip_features, audio_features=audio_features, audio_frame_mask=frame_mask)
+    loss, logits = from_precomputed(model, s["inputs"], features)
     np.testing.assert_allclose(float(loss), s["want_loss"], atol=1e-4, rtol=0)
     raw, _ = forward(model, s["inputs"], dict(frames=s["frames"], audio=s["audio"], audio_mask=s["audio_mask"]))
     np.testing.assert_allclose(float(loss), float(raw), atol=1e-6, rtol=0)
-
-
-def test_input_embeddings_drive_the_llm(setup):
-    """Generation starts from ``input_embeddings``: feeding them to the LLM reproduces the forward's logits."""
-    s = setup
-    model, inputs = s["model"], s["inputs"]
-    audio_features, frame_mask = model.audio_features(s["audio"], s["audio_mask"])
-    embeds = model.input_embeddings(
-        inputs["token_ids"], inputs["kind"], inputs["feature_index"], clip_features=model.clip_features(s["frames"]),
-        audio_features=audio_features, audio_frame_mask=frame_mask,
-    )
-    logits = nnx.jit(lambda m, e, k: m.llm(inputs_embeds=e, attention_mask=k))(model, embeds, inputs["attention_mask"])
     for row, n in enumerate(s["lengths"]):
         np.testing.assert_allclose(np.asarray(logits)[row, :n], s["want_logits"][row, :n], atol=2e-4, rtol=0)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
+import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
@@ -9,6 +13,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from xemogpt_jax.models import hf_io
+
+M = TypeVar("M", bound=nnx.Module)
 
 
 def _ours(path: str) -> tuple[str | int, ...]:
@@ -39,6 +45,20 @@ def linear_and_norm_tensors(module: torch.nn.Module, path: str = "") -> list[tup
             out.append((prefix + ("scale",), child.weight.detach().numpy()))
             out.append((prefix + ("bias",), child.bias.detach().numpy()))
     return out
+
+
+def build_filled(factory: Callable[[], M], seed: int = 0) -> M:
+    """Build a model abstractly and fill every variable with host random values (N(0, 0.02)).
+
+    Eager initialisation compiles one small XLA program per parameter shape, which dominates a
+    tiny test's time; the parity tests overwrite the values anyway.
+    """
+    model = nnx.eval_shape(factory)
+    rng = np.random.default_rng(seed)
+    for _, variable in nnx.to_flat_state(nnx.state(model)):
+        shape, dtype = variable.get_value().shape, variable.get_value().dtype
+        variable.set_value(jnp.asarray(rng.normal(0.0, 0.02, shape).astype(dtype)))
+    return model
 
 
 def assign_paths(model: nnx.Module, tensors: list[tuple[tuple, np.ndarray]]) -> hf_io.LoadReport:

@@ -86,7 +86,7 @@ def paper_config(lora: lora_lib.LoraConfig | None = lora_lib.LoraConfig(), **ove
     )
     hubert = HubertConfig(
         hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-        feat_extract_norm="layer", conv_bias=True, do_stable_layer_norm=True, feat_proj_layer_norm=False,
+        feat_extract_norm="layer", conv_bias=True, do_stable_layer_norm=True,
     )
     return XEmoGPTConfig(vision=vision, hubert=hubert, llm=qwen3_4b(lora=lora), **overrides)
 
