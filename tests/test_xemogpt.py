@@ -242,6 +242,35 @@ def test_precomputed_features_and_input_embeddings(setup):
         np.testing.assert_allclose(np.asarray(logits)[row, :n], s["want_logits"][row, :n], atol=2e-4, rtol=0)
 
 
+@nnx.jit
+def bridge_gradients(model, inputs, features):
+    def loss_fn(model):
+        return model(**inputs, **features)[0]
+
+    trainable = nnx.Any(nnx.PathContains("vecb"), nnx.PathContains("aecb"))
+    grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.All(nnx.Param, trainable)))(model)
+    return [sum(jax.numpy.abs(g).sum() for g in jax.tree.leaves(grads[name])) for name in ("vecb", "aecb")]
+
+
+def test_bridges_learn_only_from_samples_with_their_modality(setup):
+    """Stage 3's rule: the VECB gets gradient from video samples only, the AECB from audio samples only."""
+    s = setup
+    model = s["model"]
+    clip_features, audio_features, frame_mask = encode(model, s["frames"], s["audio"], s["audio_mask"])
+    features = dict(clip_features=clip_features, audio_features=audio_features, audio_frame_mask=frame_mask)
+
+    def scored(rows):
+        labels = np.where(np.isin(np.arange(len(SAMPLES)), rows)[:, None], s["inputs"]["labels"], -100)
+        return {**s["inputs"], "labels": labels}
+
+    no_video = bridge_gradients(model, scored([1, 3]), features)  # audio-only, text-only
+    no_audio = bridge_gradients(model, scored([0, 3]), features)  # video-only, text-only
+    both = bridge_gradients(model, scored([2]), features)  # audio+video
+    assert float(no_video[0]) == 0.0 and float(no_video[1]) > 0.0
+    assert float(no_audio[1]) == 0.0 and float(no_audio[0]) > 0.0
+    assert float(both[0]) > 0.0 and float(both[1]) > 0.0
+
+
 def _hf_param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
