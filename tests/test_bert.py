@@ -1,13 +1,14 @@
 """BertModel port vs HF transformers BertModel (tiny random config), eager and sharded under jit."""
 
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 from flax import nnx
 
-import jax
 from xemogpt_jax import sharding
+from xemogpt_jax.models.bert import BertConfig
 from xemogpt_jax.models.bert_params import bert_key_map, load_bert
 
 
@@ -81,3 +82,10 @@ def test_key_map_accepts_task_head_prefix_and_legacy_norm_names():
     assert bert_key_map("embeddings.LayerNorm.beta").path == ("embeddings", "norm", "bias")
     assert bert_key_map("cls.predictions.bias") is None
     assert bert_key_map("embeddings.position_ids") is None
+
+
+def test_refuses_non_bert_configs():
+    with pytest.raises(ValueError, match="not a BERT encoder"):
+        BertConfig.from_hf({"model_type": "mpnet", "hidden_size": 32})
+    with pytest.raises(ValueError, match="position_embedding_type"):
+        BertConfig.from_hf({"model_type": "bert", "position_embedding_type": "relative_key"})

@@ -34,6 +34,8 @@ class BertConfig:
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> BertConfig:
         """Our config from a HF ``config.json`` dict; refuses what the port does not implement."""
+        if config.get("model_type", "bert") != "bert":
+            raise ValueError(f"model_type={config['model_type']!r} is not a BERT encoder; this port runs BERT only")
         position_type = config.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise ValueError(f"position_embedding_type={position_type!r} is not supported (only 'absolute')")

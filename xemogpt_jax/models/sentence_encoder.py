@@ -219,7 +219,10 @@ class SentenceEncoder:
             elif kind == "Normalize" and modes is not None and not normalize:
                 normalize = True
             else:
-                raise ValueError(f"{folder}: unsupported module {entry['type']!r} at position {entry['idx']}")
+                raise ValueError(
+                    f"{folder}: unsupported module {entry['type']!r} at position {entry['idx']} "
+                    "(supported: Transformer, Pooling, Dense*, Normalize, in that order)"
+                )
         tokenizer = _load_tokenizer(settings, bert.config.max_position_embeddings)
         return cls(tokenizer, SentencePipeline(bert, modes, denses, normalize), buckets)
 
