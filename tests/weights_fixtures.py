@@ -18,6 +18,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.hubert.modeling_hubert import HubertEncoderLayer
 
 from tests.qwen_fixtures import save_tiny_hf
+from tools import import_weights
 
 FRAMES, IMAGE, ALIGN, TEXT_DIM, RANK, ALPHA = 4, 28, 16, 16, 4, 8.0
 TINY_CONFIG = f'''
@@ -111,33 +112,73 @@ class ReleaseXEmoGPT(torch.nn.Module):
         self.audio_llm_project = torch.nn.Linear(hubert.config.hidden_size, llm_width)
 
 
-def build_world(root: Path) -> dict[str, Path | ReleaseXEmoGPT]:
-    """HF dirs for the three backbones, a tiny config file, and a release state dict (``release.ckpt``)."""
-    llm = save_tiny_hf("qwen3", root / "llm")
+def _trainable(name: str) -> bool:
+    """Bridges, heads, projections and adapters: the parts a release trains."""
+    if name.startswith(("visual_encoder.clip.", "audio_encoder.audio_encoder.")):
+        return False
+    return "lora_" in name or not name.startswith("llm_model.")
+
+
+def build_world(root: Path) -> dict[str, Path]:
+    """HF dirs for the three backbones, a tiny config file, and a release state dict (``release.ckpt``).
+
+    Built once per test session under ``root`` (the marker file says it is complete).
+    """
+    paths = dict(llm=root / "llm", clip=root / "clip", hubert=root / "hubert", config=root / "tiny_config.py",
+                 release=root / "release.ckpt")
+    if (root / "complete").is_file():
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    save_tiny_hf("qwen3", paths["llm"])
     torch.manual_seed(1)
     clip, hubert = tiny_clip(), tiny_hubert()
     randomize(clip, 2)
     randomize(hubert, 3)
-    clip.save_pretrained(root / "clip")
-    hubert.save_pretrained(root / "hubert")
-    (root / "tiny_config.py").write_text(TINY_CONFIG)
-    release = ReleaseXEmoGPT(llm, clip, hubert).eval()
+    clip.save_pretrained(paths["clip"])
+    hubert.save_pretrained(paths["hubert"])
+    paths["config"].write_text(TINY_CONFIG)
+    release = load_release_module(paths, state=None)
     gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():  # bridges, heads, projections and adapters get trained-looking values; backbones stay
+    with torch.no_grad():  # trained-looking values where a release trains; backbones stay as saved
         for name, p in release.named_parameters():
-            if not name.startswith(("visual_encoder.clip.", "audio_encoder.audio_encoder.")) and (
-                "lora_" in name or not name.startswith("llm_model.")
-            ):
+            if _trainable(name):
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
-    torch.save(release.state_dict(), root / "release.ckpt")
-    return dict(llm=root / "llm", clip=root / "clip", hubert=root / "hubert", config=root / "tiny_config.py",
-                release=root / "release.ckpt", module=release)
+    torch.save(release.state_dict(), paths["release"])
+    (root / "complete").touch()
+    return paths
+
+
+def load_release_module(world: dict[str, Path], state: str | None = "release") -> ReleaseXEmoGPT:
+    """The PyTorch release tree over the saved backbones, with ``world[state]`` loaded (``None``: fresh)."""
+    load = dict(attn_implementation="eager")
+    llm = transformers.AutoModelForCausalLM.from_pretrained(world["llm"], **load).eval()
+    clip = transformers.CLIPModel.from_pretrained(world["clip"], **load).eval()
+    hubert = transformers.HubertModel.from_pretrained(world["hubert"], **load).eval()
+    module = ReleaseXEmoGPT(llm, clip, hubert).eval()
+    if state is not None:
+        module.load_state_dict(torch.load(world[state], weights_only=True), strict=True)
+    return module
+
+
+def release_state(world: dict[str, Path]) -> dict[str, np.ndarray]:
+    """The trainable tensors of the release file, as numpy (what an xemogpt export must reproduce)."""
+    state = torch.load(world["release"], weights_only=True)
+    return {k: v.numpy() for k, v in state.items() if _trainable(k)}
 
 
 def import_args(world: dict, out: Path, *extra: str, variant: str = "") -> list[str]:
     config = f"{world['config']}:{variant}" if variant else str(world["config"])
     return ["--llm", str(world["llm"]), "--clip", str(world["clip"]), "--hubert", str(world["hubert"]),
             "--config", config, "--out", str(out), *extra]
+
+
+def imported(world: dict[str, Path], root: Path, *extra: str, variant: str = "") -> Path:
+    """A checkpoint imported from ``world`` (plus ``extra`` flags), made once per session under ``root``."""
+    out = root / "checkpoint"
+    if not (root / "complete").is_file():
+        import_weights.main(import_args(world, out, *extra, variant=variant))
+        (root / "complete").touch()
+    return out
 
 
 def pixels(n: int, seed: int = 0) -> np.ndarray:

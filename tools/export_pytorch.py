@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from xemogpt_jax import checkpoint, sharding  # noqa: E402
+from xemogpt_jax import sharding  # noqa: E402
+from xemogpt_jax.model_checkpoint import restore_model  # noqa: E402
 from xemogpt_jax.models import lora as lora_lib  # noqa: E402
 from xemogpt_jax.models import xemogpt_params  # noqa: E402
 from xemogpt_jax.models.xemogpt import XEmoGPT  # noqa: E402
@@ -45,26 +45,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "generation_config.json", "chat_template.jinja", "tokenizer.model",
 )
-
-
-def restore_model(directory: str | Path, mesh: jax.sharding.Mesh, step: int | None = None) -> tuple[XEmoGPT, ModelSpec]:
-    """The model of a checkpoint written by ``tools/import_weights.py``, placed on ``mesh``."""
-    spec = ModelSpec.from_json(checkpoint.restore_config(directory, step))
-    config = spec.model_config()
-    model = nnx.eval_shape(lambda: XEmoGPT(config, rngs=nnx.Rngs(0)))
-    params = nnx.state(model, nnx.Param)
-    shardings = nnx.to_pure_dict(sharding.state_shardings(params, mesh))
-    target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(params), shardings
-    )
-    reader = checkpoint.Checkpointer(directory, every_steps=1, keep=1, keep_best=False, async_save=False)
-    try:
-        _, restored, _ = reader.restore(step, {"model": target})
-    finally:
-        reader.close()
-    nnx.replace_by_pure_dict(params, restored["model"])
-    nnx.update(model, params)
-    return model, spec
 
 
 def _strip(records: list[ExportTensor], prefix: str) -> list[ExportTensor]:

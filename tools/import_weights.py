@@ -12,8 +12,8 @@ adapter). The release file is a torch pickle and is opened only with
 that would run code on load is refused. Unused and missing keys are reported; a tensor whose
 shape disagrees with the model stops the import, naming the key and both shapes.
 
-The output is a trainer checkpoint (``checkpoint.Checkpointer``, step 0) whose ``state`` item
-is ``{"model": every parameter}`` and whose ``config`` item is the :class:`ModelSpec` JSON.
+The output is a model checkpoint (:mod:`xemogpt_jax.model_checkpoint`: every parameter plus the
+:class:`ModelSpec` JSON, written through ``checkpoint.Checkpointer``).
 LaBSE is not part of the XEmoGPT tree (stage 2 runs it frozen); ``--labse`` is checked and its
 path recorded in ``sources`` for the trainer's ``init_from``.
 """
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from xemogpt_jax import checkpoint, sharding  # noqa: E402
+from xemogpt_jax import model_checkpoint, sharding  # noqa: E402
 from xemogpt_jax.models import hf_io, xemogpt_params  # noqa: E402
 from xemogpt_jax.models.xemogpt import XEmoGPT  # noqa: E402
 from xemogpt_jax.models.xemogpt_params import ModelSpec  # noqa: E402
@@ -42,6 +42,7 @@ from xemogpt_jax.models.xemogpt_params import ModelSpec  # noqa: E402
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "sft.py")
 # Parameters a HF directory must set; everything else (bridges, heads, adapters) may keep its init.
 REQUIRED = ("llm", "vision_tower", "audio_tower")
+_SOURCES = ("llm", "clip", "hubert", "labse", "release_ckpt", "adapter")
 
 
 def load_config_file(spec: str) -> Any:
@@ -95,9 +96,6 @@ def build_spec(args: argparse.Namespace) -> ModelSpec:
     )
 
 
-_SOURCES = ("llm", "clip", "hubert", "labse", "release_ckpt", "adapter")
-
-
 def _prefixed(prefix: str, tensors: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
     return ((prefix + name, array) for name, array in tensors)
 
@@ -135,12 +133,7 @@ def import_weights(args: argparse.Namespace) -> tuple[ModelSpec, hf_io.LoadRepor
     missing_base = [m for m in report.missing if m.startswith(REQUIRED) and "/lora_" not in m]
     if missing_base:
         raise ValueError(f"no tensor for {len(missing_base)} encoder/LLM parameters: {missing_base[:8]}")
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    saver = checkpoint.Checkpointer(args.out, every_steps=1, keep=1, keep_best=False, async_save=False)
-    try:
-        saver.save(0, {"model": params}, "", spec.to_json(), force=True)
-    finally:
-        saver.close()
+    model_checkpoint.save_model(args.out, model, spec)
     return spec, report
 
 

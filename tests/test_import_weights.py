@@ -1,0 +1,161 @@
+"""tools/import_weights.py: tiny HF directories and a release-style PyTorch state dict -> our checkpoint.
+
+Every check compares against the PyTorch modules that hold the same weights (transformers + peft),
+never against our own output.
+"""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from tests.weights_fixtures import build_world, import_args, imported, load_release_module, pixels, waveforms
+from xemogpt_jax import sharding
+from xemogpt_jax.model_checkpoint import restore_model
+from tools import import_weights
+
+IDS = np.array([[3, 17, 42, 8, 60, 11], [90, 2, 33, 33, 7, 1]], np.int32)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.getbasetemp() / "weights_world")
+
+
+@pytest.fixture(scope="module")
+def release_model(world, tmp_path_factory):
+    """Our model imported from the HF dirs plus the release file, restored onto an 8-device fsdp mesh."""
+    path = imported(world, tmp_path_factory.getbasetemp() / "weights_release_import", "--release-ckpt", str(world["release"]))
+    model, _ = restore_model(path, sharding.make_mesh((1, -1, 1)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def torch_release(world):
+    return load_release_module(world)
+
+
+def close(ours, theirs, atol=1e-4):
+    np.testing.assert_allclose(np.asarray(ours), theirs.detach().numpy() if torch.is_tensor(theirs) else theirs,
+                               atol=atol, rtol=1e-4)
+
+
+def test_release_import_matches_pytorch_backbones(release_model, torch_release):
+    """The LLM with its PEFT adapters, the CLIP vision tower and HuBERT all compute what PyTorch computes."""
+    with torch.no_grad():
+        theirs = torch_release.llm_model(input_ids=torch.from_numpy(IDS).long()).logits
+    close(nnx.jit(lambda m, ids: m(ids))(release_model.llm, IDS), theirs)
+
+    images = pixels(3)
+    with torch.no_grad():
+        theirs = torch_release.visual_encoder.clip.vision_model(torch.from_numpy(images).permute(0, 3, 1, 2))
+    close(release_model.vision_tower(images).last_hidden_state, theirs.last_hidden_state)
+
+    values, mask = waveforms()
+    with torch.no_grad():
+        theirs = torch_release.audio_encoder.audio_encoder(torch.from_numpy(values), attention_mask=torch.from_numpy(mask))
+    hidden, frames = release_model.audio_tower(values, mask)
+    valid = np.asarray(frames)
+    close(np.asarray(hidden)[valid], theirs.last_hidden_state.numpy()[valid])
+
+
+def test_release_import_matches_pytorch_bridges_and_heads(release_model, torch_release):
+    """Bridge layers, positional table, pooling vector, heads and projections land with the right layout."""
+    rng = np.random.default_rng(5)
+    video = torch_release.visual_encoder
+    feats = rng.standard_normal((2, video.position_embedding.shape[1], 32)).astype(np.float32)
+    with torch.no_grad():
+        x = torch.from_numpy(feats) + video.position_embedding
+        for layer in video.visual_alignment_layer:
+            x = layer(x, None)
+        weights = torch.softmax(x @ video.attention_pooling.attn_vector, dim=-1)
+        pooled = video.visual_project((weights[..., None] * x).sum(1))
+        text = torch.from_numpy(rng.standard_normal((2, 16)).astype(np.float32))
+        expected = dict(
+            tokens=torch_release.visual_llm_project(x), pooled=pooled, temporal=video.temporal_disc_head(pooled)[..., 0],
+            reconstructed=video.frame_reconstructor(x), text=video.text_project(text),
+        )
+    vecb = release_model.vecb
+    hidden = vecb(feats)
+    ours = dict(
+        tokens=release_model.visual_llm_project(hidden), pooled=vecb.video_embedding(hidden),
+        temporal=vecb.temporal_logit(vecb.video_embedding(hidden)), reconstructed=vecb.reconstruct(hidden),
+        text=vecb.text_embedding(text.numpy()),
+    )
+    for name in expected:
+        close(ours[name], expected[name])
+
+    audio = torch_release.audio_encoder
+    frames = rng.standard_normal((2, 5, 32)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
+    with torch.no_grad():
+        m = torch.from_numpy(mask).float()
+        x = torch.from_numpy(frames) * m[..., None]
+        bias = (1.0 - m[:, None, None, :]) * torch.finfo(torch.float32).min
+        for layer in audio.audio_alignment_layer:
+            x = layer(x, attention_mask=bias)
+        x = x * m[..., None]
+        tokens = torch_release.audio_llm_project(x) * m[..., None]
+        pooled = audio.audio_project((x * m[..., None]).sum(1) / m.sum(1, keepdim=True))
+        text = audio.text_project(torch.ones(2, 16))
+    aecb = release_model.aecb
+    hidden = aecb(frames, mask)
+    close(np.where(mask[..., None], release_model.audio_llm_project(hidden), 0), tokens)
+    close(aecb.audio_embedding(hidden, mask), pooled)
+    close(aecb.text_embedding(np.ones((2, 16), np.float32)), text)
+
+
+def test_hf_dirs_alone_report_unused_and_missing_keys(world, tmp_path, capsys):
+    """Without a release file the LLM equals the HF model (fresh adapters are inert) and the bridges are reported missing."""
+    report = import_weights.main(import_args(world, tmp_path / "ck"))
+    printed = capsys.readouterr().out
+    assert "text_model.encoder.layers.0.mlp.fc1.weight" in printed  # CLIP text tower: not part of XEmoGPT
+    assert any(name.startswith("vecb/visual_alignment_layer/0/") for name in report.missing)
+    assert "visual_llm_project/kernel" in report.missing
+    base_missing = [m for m in report.missing if m.startswith(("llm/", "vision_tower/", "audio_tower/"))]
+    assert base_missing and all("/lora_" in m for m in base_missing)  # only the fresh adapters
+    model, spec = restore_model(tmp_path / "ck", sharding.make_mesh((1, -1, 1)))
+    hf = load_release_module(world, state=None).llm_model.get_base_model()
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.from_numpy(IDS).long()).logits
+    close(model.llm(IDS), theirs)
+    assert spec.lora["rank"] == 4 and spec.bridge_layers == 2 and spec.num_frames == 4
+
+
+def test_shape_mismatch_is_refused_naming_key_and_shapes(world, tmp_path):
+    state = torch.load(world["release"], weights_only=True)
+    state["visual_llm_project.weight"] = torch.zeros(33, 32)
+    torch.save(state, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=r"'visual_llm_project.weight'.*\(32, 33\).*\(32, 32\)"):
+        import_weights.main(import_args(world, tmp_path / "ck", "--release-ckpt", str(tmp_path / "bad.ckpt")))
+
+
+class _RunsCodeOnLoad:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_that_runs_code_is_refused_not_executed(world, tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"visual_llm_project.weight": _RunsCodeOnLoad(marker)}, tmp_path / "evil.ckpt")
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="refused"):
+        import_weights.main(import_args(world, tmp_path / "ck", "--release-ckpt", str(tmp_path / "evil.ckpt")))
+    assert not marker.exists()
+
+
+def test_paper_config_file_supplies_bridge_and_lora_settings(world):
+    """The default config (configs/sft.py) gives the paper's LoRA r=512 and 16 frames over HF-sized backbones."""
+    args = import_weights.parse_args(import_args(world, Path("unused")))
+    args.config = import_weights.DEFAULT_CONFIG
+    spec = import_weights.build_spec(args)
+    assert spec.lora == dict(rank=512, alpha=512.0, dropout=0.05, targets=["q_proj", "k_proj", "v_proj"])
+    assert (spec.num_frames, spec.bridge_layers) == (16, 2)
+    assert spec.model_config().llm.hidden_size == 32
+    assert jax.tree.leaves(spec.sources) and spec.sources["llm"].endswith("llm")
