@@ -15,7 +15,9 @@ from xemogpt_jax.models.clip import CLIPEncoderConfig
 from xemogpt_jax.models.hubert import HubertConfig
 
 WIDTH, FRAMES, ALIGN, TEXT = 32, 6, 24, 20
-CLIP_HF = dict(hidden_size=WIDTH, intermediate_size=64, num_attention_heads=4, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+CLIP_HF = dict(
+    hidden_size=WIDTH, intermediate_size=64, num_attention_heads=4, hidden_act="quick_gelu", layer_norm_eps=1e-5
+)
 HUBERT_HF = dict(hidden_size=WIDTH, intermediate_size=48, num_attention_heads=4, hidden_act="gelu", layer_norm_eps=1e-5)
 
 
@@ -139,7 +141,8 @@ def test_attention_pooling_and_masked_mean_by_hand():
     pooling = build_filled(lambda: bridges.AttentionPooling(2, rngs=nnx.Rngs(0)))
     pooling.attn_vector[...] = np.array([1.0, 0.0], np.float32)
     x = np.array([[[0.0, 1.0], [np.log(3.0), 5.0]]], np.float32)
-    np.testing.assert_allclose(np.asarray(pooling(x)), [[0.25 * 0 + 0.75 * np.log(3.0), 0.25 * 1 + 0.75 * 5]], rtol=1e-6)
+    expected = [[0.25 * 0 + 0.75 * np.log(3.0), 0.25 * 1 + 0.75 * 5]]  # weights softmax(0, log 3) = (1/4, 3/4)
+    np.testing.assert_allclose(np.asarray(pooling(x)), expected, rtol=1e-6)
     mean = bridges.masked_mean(np.array([[[2.0], [4.0], [100.0]]], np.float32), np.array([[True, True, False]]))
     np.testing.assert_allclose(np.asarray(mean), [[3.0]])
 

@@ -15,7 +15,9 @@ from flax import nnx
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer as TorchCLIPLayer
 from transformers.models.hubert.modeling_hubert import HubertEncoderLayer as TorchHubertLayer
 
-from tests.xemogpt_fixtures import assign_paths, build_filled, byte_tokenizer, linear_and_norm_tensors, to_torch, torch_state
+from tests.xemogpt_fixtures import (
+    assign_paths, build_filled, byte_tokenizer, linear_and_norm_tensors, to_torch, torch_state,
+)
 from xemogpt_jax import prompt, sharding
 from xemogpt_jax.models import clip_params, hf_io, hubert_params, lora, qwen3_params
 from xemogpt_jax.models.clip import CLIPVisionConfig
@@ -110,7 +112,8 @@ class TorchXEmoGPT(torch.nn.Module):
         for b, (audio_len, has_video, subtitle, target) in enumerate(SAMPLES):
             text = prompt.PROMPT_TEMPLATE.format(subtitle=subtitle, instruction=INSTRUCTION)
             pieces: list = [text]
-            for present, placeholder, tokens in ((audio_len, "<AudioHere>", sound[b]), (has_video, "<VideoHere>", video[b])):
+            slots = ((audio_len, "<AudioHere>", sound[b]), (has_video, "<VideoHere>", video[b]))
+            for present, placeholder, tokens in slots:
                 if present:
                     before, after = pieces.pop().split(placeholder)
                     pieces += [before, tokens, after]
@@ -123,7 +126,8 @@ class TorchXEmoGPT(torch.nn.Module):
         length = max(r.shape[0] for r in rows)
         embeds = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows])
         mask = torch.stack([(torch.arange(length) < r.shape[0]).long() for r in rows])
-        label_batch = torch.stack([torch.nn.functional.pad(lab, (0, length - lab.shape[0]), value=-100) for lab in labels])
+        pad = torch.nn.functional.pad
+        label_batch = torch.stack([pad(lab, (0, length - lab.shape[0]), value=-100) for lab in labels])
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=label_batch)
         return out.loss, out.logits, [r.shape[0] for r in rows]
 
@@ -208,7 +212,8 @@ def test_loss_matches_pytorch_composition(setup):
     s = setup
     assert [len(x) for x in s["samples"]] == s["lengths"]
     assert s["inputs"]["token_ids"].shape[1] == 384
-    loss, logits = forward(s["model"], s["inputs"], dict(frames=s["frames"], audio=s["audio"], audio_mask=s["audio_mask"]))
+    media = dict(frames=s["frames"], audio=s["audio"], audio_mask=s["audio_mask"])
+    loss, logits = forward(s["model"], s["inputs"], media)
     np.testing.assert_allclose(float(loss), s["want_loss"], atol=1e-4, rtol=0)
     for row, n in enumerate(s["lengths"]):
         np.testing.assert_allclose(np.asarray(logits)[row, :n], s["want_logits"][row, :n], atol=2e-4, rtol=0)
@@ -221,7 +226,7 @@ def encode(model, frames, audio, audio_mask):
 
 @nnx.jit
 def from_precomputed(model, inputs, features):
-    """The loss from precomputed features, and the logits of the LLM run on ``input_embeddings`` (generation's start)."""
+    """Loss from precomputed features, and LLM logits from ``input_embeddings`` (where generation starts)."""
     loss, _ = model(**inputs, **features)
     embeds = model.input_embeddings(inputs["token_ids"], inputs["kind"], inputs["feature_index"], **features)
     return loss, model.llm(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])

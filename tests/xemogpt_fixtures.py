@@ -78,7 +78,7 @@ def to_torch(x) -> torch.Tensor:
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per UTF-8 byte (ids 2..257) plus ``<pad>`` = 0 and ``<eos>`` = 1: expected ids are computable by hand."""
+    """One token per UTF-8 byte (ids 2..257), ``<pad>`` = 0, ``<eos>`` = 1: expected ids are computable by hand."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {"<pad>": 0, "<eos>": 1} | {ch: i + 2 for i, ch in enumerate(alphabet)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))

@@ -27,7 +27,7 @@ ALIGN_DIM = 768  # width of the bridge-pretraining embedding space (both sides o
 
 @dataclass(frozen=True)
 class VECBConfig:
-    """Video Emotional Cue Bridge: ``num_layers`` CLIP layers of the vision tower's shape over ``num_frames`` CLS features."""
+    """Video Emotional Cue Bridge: ``num_layers`` CLIP layers shaped like the vision tower's, over F CLS features."""
 
     encoder: CLIPEncoderConfig = CLIPEncoderConfig(
         hidden_size=1024, intermediate_size=4096, num_attention_heads=16, hidden_act="quick_gelu"

@@ -32,12 +32,6 @@ from xemogpt_jax.models.hubert import HubertConfig, HubertModel
 from xemogpt_jax.models.layers import DType
 from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_4b
 
-# Batch keys the model reads (a collated prompt batch plus the media inputs of one of two forms).
-MODEL_INPUTS = (
-    "token_ids", "kind", "feature_index", "labels", "attention_mask", "positions",
-    "frames", "clip_features", "audio", "audio_mask", "audio_features", "audio_frame_mask",
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class XEmoGPTConfig:
@@ -50,7 +44,7 @@ class XEmoGPTConfig:
     aecb_layers: int = 2
     num_frames: int = prompt.NUM_VIDEO_TOKENS
     max_audio_samples: int = 192_000  # the first 12 s at 16 kHz
-    max_context: int = prompt.MAX_CONTEXT
+    max_context: int = prompt.MAX_CONTEXT  # conditioning positions, for prompt.build_sample
     align_dim: int = bridges.ALIGN_DIM
     video_text_dim: int = 768  # CLIP text features after its projection
     audio_text_dim: int = 768  # LaBSE sentence embeddings
@@ -73,9 +67,6 @@ class XEmoGPTConfig:
     def num_audio_tokens(self, num_samples: int) -> int:
         """Audio slots for a clip of ``num_samples`` samples: HuBERT frames of its first ``max_audio_samples``."""
         return int(self.hubert.conv_output_length(min(int(num_samples), self.max_audio_samples)))
-
-    def replace(self, **changes: Any) -> XEmoGPTConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def paper_config(lora: lora_lib.LoraConfig | None = lora_lib.LoraConfig(), **overrides: Any) -> XEmoGPTConfig:
