@@ -1,0 +1,126 @@
+"""LLM throughput, ours (JAX) vs transformers (PyTorch) on this CPU, same ~100M-parameter Qwen3 weights.
+
+Prints forward+backward tokens/s and greedy decode tokens/s for both and their ratios.
+Usage: python bench/llm.py [--batch 4 --seq 256 --decode-batch 4 --prompt 32 --new 64 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import transformers
+from flax import nnx
+
+from xemogpt_jax.generate import GenerationConfig, generate
+from xemogpt_jax.models import qwen3_params
+
+
+def hf_config() -> transformers.Qwen3Config:
+    """~100M parameters: 12 layers of width 768, GQA 12:4, tied 32k vocabulary."""
+    return transformers.Qwen3Config(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+        num_attention_heads=12, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True,
+        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up (and compile)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_train(hf_model, model, ids: np.ndarray, repeats: int) -> tuple[float, float]:
+    tokens = ids.size
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def loss_and_grads(state, ids):
+        def loss_fn(state):
+            logits = nnx.merge(graphdef, state)(ids)
+            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+        return jax.value_and_grad(loss_fn)(state)
+
+    ids_jax = jnp.asarray(ids)
+    ours = median_seconds(lambda: jax.block_until_ready(loss_and_grads(state, ids_jax)), repeats)
+
+    hf_model.train()
+    ids_torch = torch.tensor(ids, dtype=torch.long)
+
+    def torch_step():
+        hf_model.zero_grad(set_to_none=True)
+        hf_model(input_ids=ids_torch, labels=ids_torch).loss.backward()
+
+    theirs = median_seconds(torch_step, repeats)
+    hf_model.eval()
+    return tokens / ours, tokens / theirs
+
+
+def bench_decode(hf_model, model, ids: np.ndarray, new: int, repeats: int) -> tuple[float, float, bool]:
+    tokens = ids.shape[0] * new
+    config = GenerationConfig(max_new_tokens=new, eos_token_id=(), pad_token_id=0)
+    ids_jax = jnp.asarray(ids)
+    ours_out = np.asarray(generate(model, ids_jax, config=config))
+    ours = median_seconds(lambda: jax.block_until_ready(generate(model, ids_jax, config=config)), repeats)
+
+    ids_torch = torch.tensor(ids, dtype=torch.long)
+
+    def hf_generate():
+        with torch.no_grad():
+            return hf_model.generate(
+                input_ids=ids_torch, attention_mask=torch.ones_like(ids_torch), max_new_tokens=new,
+                min_new_tokens=new, do_sample=False, pad_token_id=0,
+            )
+
+    theirs_out = hf_generate()[:, ids.shape[1]:].numpy()
+    theirs = median_seconds(hf_generate, repeats)
+    return tokens / ours, tokens / theirs, bool(np.array_equal(ours_out, theirs_out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--decode-batch", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    hf_model = transformers.Qwen3ForCausalLM(hf_config()).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(tmp)
+        model, _ = qwen3_params.load_hf(tmp)
+    params = sum(p.numel() for p in hf_model.parameters())
+    rng = np.random.default_rng(0)
+    print(f"config: Qwen3 {params / 1e6:.1f}M params, fp32, jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+
+    train_ids = rng.integers(3, 32000, size=(args.batch, args.seq))
+    ours, theirs = bench_train(hf_model, model, train_ids, args.repeats)
+    print(f"forward+backward  batch {args.batch}x{args.seq}: ours {ours:8.0f} tok/s   transformers {theirs:8.0f} tok/s"
+          f"   ratio {ours / theirs:.2f}x")
+
+    prompt_ids = rng.integers(3, 32000, size=(args.decode_batch, args.prompt))
+    ours, theirs, same = bench_decode(hf_model, model, prompt_ids, args.new, args.repeats)
+    print(f"greedy decode  batch {args.decode_batch}, prompt {args.prompt}, {args.new} new: ours {ours:8.0f} tok/s"
+          f"   transformers {theirs:8.0f} tok/s   ratio {ours / theirs:.2f}x   tokens identical: {same}")
+
+
+if __name__ == "__main__":
+    main()
