@@ -16,7 +16,7 @@ def hubert_architecture(variant: str) -> ml_collections.ConfigDict:
     if variant == "tiny":
         return ml_collections.ConfigDict(dict(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            conv_dim=(32, 32, 32), conv_kernel=(10, 8, 4), conv_stride=(5, 8, 4),
+            conv_dim=(32, 32, 32), conv_kernel=(10, 8, 8), conv_stride=(5, 8, 8),
             num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
             feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
         ))
@@ -47,6 +47,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.variant = variant
     c.init_from.hubert = ""  # HF folder of TencentGameMate/chinese-hubert-large
     c.init_from.text_encoder = ""  # sentence-transformers folder of LaBSE
+    c.init_from.tokenizer = ""  # caption tokenizer folder ("" = the text encoder folder's)
 
     c.model = ml_collections.ConfigDict()
     c.model.hubert = hubert_architecture(variant)

@@ -64,7 +64,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.model.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj")))
         c.data.max_audio_seconds = 3.0
         c.data.max_context = 512
-        c.data.length_buckets = (256, 384, 512)
+        c.data.length_buckets = (384, 512, 640, 768)
         c.optim.learning_rate = 2e-3
         c.train.steps = 200
     return c

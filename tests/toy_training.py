@@ -98,7 +98,10 @@ def toy_task(config: ml_collections.ConfigDict, nan_at_step: int | None = None) 
     )
 
 
-def toy_config(steps: int, mesh: tuple[int, int, int] = (-1, 1, 1), every: int = 2) -> ml_collections.ConfigDict:
+def toy_config(
+    steps: int, mesh: tuple[int, int, int] = (-1, 1, 1), every: int = 2, evaluate: bool = True
+) -> ml_collections.ConfigDict:
+    """Checkpoint every ``every`` steps (and evaluate then, if ``evaluate``)."""
     c = common.base_config("toy")
     common.tiny_overrides(c)
     c.mesh.shape = mesh
@@ -108,9 +111,10 @@ def toy_config(steps: int, mesh: tuple[int, int, int] = (-1, 1, 1), every: int =
     c.optim.warmup_steps = 2
     c.train.steps = steps
     c.train.log_every = 1
-    c.train.eval_every = every
+    c.train.eval_every = every if evaluate else 10**9
     c.train.eval_steps = 1
     c.train.show_progress = False
+    c.perf.flops_from = "params"
     c.checkpoint.every_steps = every
     c.checkpoint.keep = 2
     return c
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--mesh", default="-1,1,1")
     parser.add_argument("--every", type=int, default=2)
+    parser.add_argument("--no-eval", action="store_true")
     parser.add_argument("--nan-at", type=int, default=None)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
@@ -138,23 +143,23 @@ def main(argv: list[str] | None = None) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     if args.processes > 1:
         jax.distributed.initialize(args.coordinator, args.processes, args.process_id)
-    config = toy_config(args.steps, tuple(int(s) for s in args.mesh.split(",")), args.every)
+    config = toy_config(args.steps, tuple(int(s) for s in args.mesh.split(",")), args.every, not args.no_eval)
     workdir = Path(args.workdir)
     try:
         trainer.run(config, workdir, toy_task(config, args.nan_at))
     except trainer.NonFiniteLossError as error:
         print(f"NonFiniteLossError: {error}", flush=True)
         sys.exit(3)
+    final = load_final(config, workdir)  # collective: every process takes part
     if jax.process_index() == 0:
-        engine_params = load_final(config, workdir)
-        np.savez(workdir / "final_params.npz", **engine_params)
+        np.savez(workdir / "final_params.npz", **final)
 
 
-def load_final(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, np.ndarray]:
-    """The trainable parameters of the latest checkpoint, restored onto this process's mesh."""
+def load_final(config: ml_collections.ConfigDict, workdir: Path, mesh=None) -> dict[str, np.ndarray]:
+    """The trainable parameters of the latest checkpoint, restored onto ``mesh`` (default: the config's)."""
     from xemogpt_jax import checkpoint, optim, sharding
 
-    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    mesh = mesh or sharding.make_mesh(tuple(config.mesh.shape))
     engine = trainer.build_engine(toy_task(config), optim.make_optimizer(config.optim, config.train.steps), mesh, 0)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every_steps=1, keep=2, keep_best=False, async_save=False)
     _, restored, _ = ckpt.restore(None, trainer.abstract_trained(engine))
