@@ -39,8 +39,9 @@ EXIT_OK, EXIT_USAGE, EXIT_MEDIA = 0, 2, 3
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_explainer(checkpoint: str) -> Explainer:
-    return explainer_lib.load(checkpoint)
+def load_cached(checkpoint: str, tokenizer: str | None = None, step: int | None = None) -> Explainer:
+    """One loaded (and, once used, compiled) model per checkpoint per process."""
+    return explainer_lib.load(checkpoint, tokenizer=tokenizer, step=step)
 
 
 def chat_completion(messages: Sequence[dict[str, str]], checkpoint: str, decoding: Decoding | None = None) -> str:
@@ -50,7 +51,7 @@ def chat_completion(messages: Sequence[dict[str, str]], checkpoint: str, decodin
     extraction wants the most likely reply.
     """
     decoding = decoding or Decoding(num_beams=1, do_sample=False)
-    return _cached_explainer(str(checkpoint)).chat([list(messages)], decoding)[0]
+    return load_cached(str(checkpoint)).chat([list(messages)], decoding)[0]
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         decoding = decoding_from(args)
     except ValueError as error:
         parser.error(str(error))
-    model = explainer_lib.load(args.checkpoint, tokenizer=args.tokenizer, step=args.step)
+    model = load_cached(str(args.checkpoint), args.tokenizer, args.step)
     if args.batch is not None:
         media_root = args.media_root or args.batch.parent
         counts = run_batch(model, args.batch, args.out, media_root, decoding, args.batch_size, not args.no_progress)
