@@ -125,7 +125,7 @@ def build_engine(
             task.load_pretrained(state.model, mesh)
             # The optimizer was initialised before the import; Adam moments are zeros either way.
     graphdef, frozen, trained = nnx.split(state, frozen_filter(task.trainable), ...)
-    step_fn = make_train_step(graphdef, task, frozen, trained, mesh, learning_rate)
+    step_fn = make_train_step(graphdef, task.loss, task.trainable, frozen, trained, mesh, learning_rate)
     return Engine(graphdef, frozen, trained, mesh, step_fn, make_eval_step(graphdef, task, seed), task.trainable)
 
 
@@ -135,14 +135,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def make_train_step(
     graphdef: nnx.GraphDef,
-    task: Task,
+    loss: LossFn,
+    trainable: Any,
     frozen: nnx.State,
     trained: nnx.State,
     mesh: Mesh,
     learning_rate: optax.Schedule,
 ) -> Any:
-    """``step(trained, frozen, batch) -> (trained, metrics)``, jitted with shardings and donation."""
-    trainable = task.trainable
+    """``step(trained, frozen, batch) -> (trained, metrics)``, jitted with shardings and donation.
+
+    ``frozen``/``trained`` (concrete or abstract) only provide the shardings.
+    """
     frozen_sel = frozen_filter(trainable)
 
     def step(trained: nnx.State, frozen: nnx.State, batch: Batch) -> tuple[nnx.State, dict[str, jax.Array]]:
@@ -151,13 +154,13 @@ def make_train_step(
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng[...]), step_index)
 
         def loss_fn(model: nnx.Module) -> tuple[jax.Array, dict[str, jax.Array]]:
-            return task.loss(model, batch, key)
+            return loss(model, batch, key)
 
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
-        (loss, aux), grads = grad_fn(state.model)
+        (value, aux), grads = grad_fn(state.model)
         state.optimizer.update(state.model, grads)
         _, _, new_trained = nnx.split(state, frozen_sel, ...)
-        out = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": learning_rate(step_index), **aux}
+        out = {"loss": value, "grad_norm": optax.tree.norm(grads), "learning_rate": learning_rate(step_index), **aux}
         return new_trained, {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
 
     trained_sh = sharding.state_shardings(trained, mesh)
