@@ -31,6 +31,9 @@ from xemogpt_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from xemogpt_jax.models.hubert import HubertConfig, HubertModel
 from xemogpt_jax.models.layers import DType
 from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_4b
+from xemogpt_jax.sharding import constrain
+
+HIDDEN_AXES = ("batch", "length", "embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +92,17 @@ def splice(
     audio_tokens: jax.Array | None,
     video_tokens: jax.Array | None,
 ) -> jax.Array:
-    """Fill the audio/video slots of ``text [B, L, D]`` from ``[B, T, D]`` / ``[B, F, D]`` token tables."""
-    out = text
+    """Fill the audio/video slots of ``text [B, L, D]`` from ``[B, T, D]`` / ``[B, F, D]`` token tables.
+
+    Everything is pinned to batch sharding first so the per-row gathers stay local to a device.
+    """
+    out = constrain(text, HIDDEN_AXES)
     for slot_kind, tokens in ((prompt.AUDIO, audio_tokens), (prompt.VIDEO, video_tokens)):
         if tokens is None:
             continue
         index = jnp.clip(feature_index, 0, tokens.shape[1] - 1)
-        gathered = jnp.take_along_axis(tokens.astype(text.dtype), index[..., None], axis=1)
+        tokens = constrain(tokens.astype(text.dtype), HIDDEN_AXES)
+        gathered = jnp.take_along_axis(tokens, index[..., None], axis=1)
         out = jnp.where((kind == slot_kind)[..., None], gathered, out)
     return out
 
