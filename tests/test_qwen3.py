@@ -22,7 +22,13 @@ from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_4b
 def hf_dir(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     hf_model = save_tiny_hf(request.param, out)
-    return request.param, out, hf_model
+    model, report = qwen3_params.load_hf(out)
+    return request.param, out, hf_model, model, report
+
+
+@nnx.jit
+def _forward(model, ids, mask=None):
+    return model(ids, attention_mask=mask)
 
 
 def _hf_logits(hf_model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -37,20 +43,18 @@ def _hf_logits(hf_model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
 def test_logits_match_transformers_on_padded_batch(hf_dir, left):
-    family, path, hf_model = hf_dir
-    model, report = qwen3_params.load_hf(path)
+    family, _, hf_model, model, report = hf_dir
     assert model.config.qk_norm == (family == "qwen3") and model.config.attention_bias == (family == "qwen2")
     assert not report.missing
     ids, mask = padded_batch([7, 3, 5], 7, left=left)
-    ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    ours = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
     ref = _hf_logits(hf_model, ids, mask)
     valid = mask.astype(bool)
     np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
 
 
 def test_inputs_embeds_path_equals_token_path(hf_dir):
-    _, path, _ = hf_dir
-    model, _ = qwen3_params.load_hf(path)
+    model = hf_dir[3]
     ids, mask = padded_batch([6, 4], 6, left=True, seed=1)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     from_ids = model(ids, attention_mask=mask)
@@ -59,8 +63,7 @@ def test_inputs_embeds_path_equals_token_path(hf_dir):
 
 
 def test_export_inverts_the_key_map(hf_dir):
-    family, path, _ = hf_dir
-    model, _ = qwen3_params.load_hf(path)
+    _, path, _, model, _ = hf_dir
     saved = load_file(str(path / "model.safetensors"))
     exported = dict(qwen3_params.export_tensors(model))
     assert set(exported) == set(saved)
@@ -71,15 +74,14 @@ def test_export_inverts_the_key_map(hf_dir):
 
 
 def test_forward_on_fsdp_tensor_mesh_equals_single_device(hf_dir, devices):
-    _, path, _ = hf_dir
-    single, _ = qwen3_params.load_hf(path)
+    _, path, _, single, _ = hf_dir
     mesh = sharding.make_mesh((1, 2, 4))
     sharded, _ = qwen3_params.load_hf(path, mesh=mesh)
     kernel = sharded.layers.mlp.gate_proj.kernel.get_value()
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     ids, mask = padded_batch([8, 5, 6, 2], 8, left=True, seed=2)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    expected = np.asarray(single(ids, attention_mask=mask))
+    expected = np.asarray(_forward(single, ids, mask))
     graphdef, state = nnx.split(sharded)
 
     @jax.jit
@@ -111,18 +113,18 @@ def test_lora_zero_b_equals_base_and_merge_equals_unmerged():
     with_lora = Qwen3ForCausalLM(_tiny_config(lora=adapters), rngs=nnx.Rngs(1))
     _copy_base(base, with_lora)
     ids = jax.random.randint(jax.random.key(0), (2, 6), 0, 64)
-    np.testing.assert_allclose(np.asarray(with_lora(ids)), np.asarray(base(ids)), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(_forward(with_lora, ids)), np.asarray(_forward(base, ids)), atol=1e-6, rtol=0)
 
     adapter_state = nnx.state(with_lora, lora.LoraParam)
     assert {tuple(p)[-2] for p, _ in nnx.to_flat_state(adapter_state)} == {"q_proj", "v_proj", "down_proj"}
     for i, (_, variable) in enumerate(nnx.to_flat_state(adapter_state)):
         if variable.get_value().shape[-2] == 4:  # a B matrix [L, r, out]
             variable.set_value(0.05 * jax.random.normal(jax.random.key(i), variable.get_value().shape))
-    unmerged = np.asarray(with_lora(ids))
-    assert np.abs(unmerged - np.asarray(base(ids))).max() > 1e-3
+    unmerged = np.asarray(_forward(with_lora, ids))
+    assert np.abs(unmerged - np.asarray(_forward(base, ids))).max() > 1e-3
     lora.merge_lora(with_lora)
     assert not nnx.to_flat_state(nnx.state(with_lora, lora.LoraParam))
-    np.testing.assert_allclose(np.asarray(with_lora(ids)), unmerged, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(_forward(with_lora, ids)), unmerged, atol=1e-5, rtol=0)
 
 
 def test_lora_only_adapters_are_trainable_and_dropout_needs_a_key():
@@ -136,12 +138,12 @@ def test_lora_only_adapters_are_trainable_and_dropout_needs_a_key():
     def loss(m):
         return m(ids, dropout_rng=jax.random.key(3)).mean()
 
-    grads = nnx.grad(loss, argnums=nnx.DiffState(0, lora.LoraParam))(model)
+    grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, lora.LoraParam)))(model)
     optimizer.update(model, grads)
     for path, new in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         changed = not np.array_equal(before[tuple(path)], np.asarray(new.get_value()))
         assert changed == (tuple(path)[-1] == "lora_b"), path  # A's grad is zero while B is zero
-    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids)))
+    np.testing.assert_array_equal(np.asarray(_forward(model, ids)), np.asarray(_forward(model, ids)))
     assert not np.array_equal(
         np.asarray(model(ids, dropout_rng=jax.random.key(1))), np.asarray(model(ids, dropout_rng=jax.random.key(2)))
     )
@@ -156,15 +158,15 @@ def test_remat_and_bf16_options():
     def loss(m):
         return jnp.mean(jax.nn.log_softmax(m(ids))[..., 0])
 
-    g_plain = nnx.grad(loss)(plain)
-    g_remat = nnx.grad(loss)(remat)
+    g_plain = nnx.jit(nnx.grad(loss))(plain)
+    g_remat = nnx.jit(nnx.grad(loss))(remat)
     for (p, a), (_, b) in zip(nnx.to_flat_state(g_plain), nnx.to_flat_state(g_remat)):
         np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), atol=1e-6, err_msg=str(p))
     assert bf16.embed(ids).dtype == jnp.bfloat16
     assert bf16.layers.mlp.up_proj.kernel.get_value().dtype == jnp.float32
-    out = bf16(ids)
+    out = _forward(bf16, ids)
     assert out.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(out), np.asarray(plain(ids)), atol=3e-2, rtol=0)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(_forward(plain, ids)), atol=3e-2, rtol=0)
 
 
 def test_qwen3_4b_builds_abstractly_and_shards(devices):
