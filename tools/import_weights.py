@@ -25,7 +25,7 @@ import importlib.util
 import itertools
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
 from xemogpt_jax import model_checkpoint, sharding  # noqa: E402
 from xemogpt_jax.models import hf_io, xemogpt_params  # noqa: E402
@@ -117,6 +118,26 @@ def key_map(name: str) -> hf_io.Target | None:
     return xemogpt_params.release_key_map(name) or xemogpt_params.peft_key_map(name)
 
 
+def init_unset(model: XEmoGPT, factory: Callable[[], XEmoGPT], mesh: Mesh) -> None:
+    """Give every variable that no source set its initial value, created directly in its sharding.
+
+    Only the unset variables are outputs of the jitted init, so the rest of the init is never
+    computed; values equal those a full ``sharding.create_sharded(factory, mesh)`` would give.
+    """
+    flat = nnx.to_flat_state(nnx.state(model))
+    unset = [(tuple(path), v) for path, v in flat if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    if not unset:
+        return
+
+    def init() -> list[jax.Array]:
+        fresh = dict((tuple(p), v) for p, v in nnx.to_flat_state(nnx.state(factory())))
+        return [fresh[path].get_value() for path, _ in unset]
+
+    shardings = [sharding.variable_sharding(v, mesh) for _, v in unset]
+    for (path, variable), value in zip(unset, jax.jit(init, out_shardings=shardings)()):
+        variable.set_value(value)
+
+
 def import_weights(args: argparse.Namespace) -> tuple[ModelSpec, hf_io.LoadReport]:
     """Build, fill and save the model; returns its spec and what the load used."""
     if args.labse and not (Path(args.labse) / "modules.json").is_file():
@@ -124,12 +145,17 @@ def import_weights(args: argparse.Namespace) -> tuple[ModelSpec, hf_io.LoadRepor
     spec = build_spec(args)
     config = spec.model_config()
     mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
+
+    def factory() -> XEmoGPT:
+        return XEmoGPT(config, rngs=nnx.Rngs(args.seed))
+
     with jax.set_mesh(mesh):
-        model = sharding.create_sharded(lambda: XEmoGPT(config, rngs=nnx.Rngs(args.seed)), mesh)
+        model = nnx.eval_shape(factory)
         tensors = release_stream(args)
         if args.adapter:
             tensors = itertools.chain(tensors, hf_io.iter_tensors(Path(args.adapter) / "adapter_model.safetensors"))
         report = hf_io.assign(model, tensors, key_map, mesh)
+        init_unset(model, factory, mesh)
     missing_base = [m for m in report.missing if m.startswith(REQUIRED) and "/lora_" not in m]
     if missing_base:
         raise ValueError(f"no tensor for {len(missing_base)} encoder/LLM parameters: {missing_base[:8]}")

@@ -167,7 +167,7 @@ def assign(
         if target.index is None:
             _place(variable, value.astype(dtype), mesh)
             continue
-        buffer, slots = pending.setdefault(target.path, (np.array(jax.device_get(variable.get_value())), set()))
+        buffer, slots = pending.setdefault(target.path, (_host_copy(variable), set()))
         buffer[target.index] = value
         slots.add(target.index)
         if len(slots) == full_shape[0]:
@@ -178,6 +178,14 @@ def assign(
         report.missing.extend(f"{'/'.join(map(str, path))}[{i}]" for i in range(buffer.shape[0]) if i not in slots)
     report.missing.extend("/".join(map(str, path)) for path in params if path not in touched)
     return report
+
+
+def _host_copy(variable: nnx.Variable) -> np.ndarray:
+    """The variable's value on the host; zeros for an abstract (``nnx.eval_shape``) one."""
+    value = variable.get_value()
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return np.zeros(value.shape, value.dtype)
+    return np.array(jax.device_get(value))
 
 
 def _place(variable: nnx.Variable, value: np.ndarray, mesh: Mesh | None) -> None:
