@@ -36,7 +36,8 @@ def _hf_new_tokens(hf_model, ids, mask, n, eos=EOS, **kwargs) -> np.ndarray:
 
 def _emitted_eos(hf_model, ids, mask, n, **kwargs) -> tuple[int, np.ndarray]:
     """A token the tiny model emits mid-way in its last row (it never emits the configured EOS), used as
-    EOS so the comparison covers finished rows and the finished-beam pool; returns it with transformers' output under it."""
+    EOS so the comparison covers finished rows and the finished-beam pool; returns it and transformers'
+    output under it."""
     free_running = _hf_new_tokens(hf_model, ids, mask, n, **kwargs)
     eos = int(free_running[-1, n // 2])
     expected = _hf_new_tokens(hf_model, ids, mask, n, eos=eos, **kwargs)

@@ -26,7 +26,8 @@ _NEG = -1.0e9
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding options; hashable so each distinct config compiles once."""
+    """Decoding options; hashable so each distinct config compiles once. ``eos_token_id`` may be an int,
+    a sequence or ``None`` (normalised to a tuple)."""
 
     max_new_tokens: int = 32
     eos_token_id: tuple[int, ...] = ()
@@ -40,7 +41,8 @@ class GenerationConfig:
 
     def __post_init__(self):
         eos = self.eos_token_id
-        object.__setattr__(self, "eos_token_id", tuple(eos) if isinstance(eos, (list, tuple)) else (eos,) if eos is not None else ())
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else () if eos is None else (eos,)
+        object.__setattr__(self, "eos_token_id", eos)
 
 
 def generate(
