@@ -16,7 +16,7 @@ import torch
 import transformers
 from flax import nnx
 
-from tests.weights_fixtures import build_world, import_args, imported, pixels, release_state, waveforms
+from tests.weights_fixtures import build_world, import_args, pixels, release_import, release_state, waveforms
 from xemogpt_jax import sharding
 from xemogpt_jax.model_checkpoint import restore_model
 from xemogpt_jax.models import hf_io, lora
@@ -37,7 +37,7 @@ def mesh():
 
 @pytest.fixture(scope="module")
 def checkpoint(world, tmp_path_factory):
-    return imported(world, tmp_path_factory.getbasetemp() / "weights_release_import", "--release-ckpt", str(world["release"]))
+    return release_import(world, tmp_path_factory.getbasetemp())
 
 
 def params(model) -> dict[str, np.ndarray]:
@@ -118,8 +118,10 @@ def test_xemogpt_export_reproduces_the_release_bit_for_bit_and_reimports(world, 
             assert got[name].dtype == value.dtype and got[name].shape == value.shape, name
             np.testing.assert_array_equal(got[name].view(np.uint8), value.view(np.uint8), err_msg=name)
     if dtype == "fp32":
-        import_weights.main(import_args(world, tmp_path / "again", "--release-ckpt", str(tmp_path / "x" / "xemogpt.ckpt")))
-        assert_same_params(params(restore_model(tmp_path / "again", mesh)[0]), params(restore_model(checkpoint, mesh)[0]))
+        exported = str(tmp_path / "x" / "xemogpt.ckpt")
+        import_weights.main(import_args(world, tmp_path / "again", "--release-ckpt", exported))
+        again, _ = restore_model(tmp_path / "again", mesh)
+        assert_same_params(params(again), params(restore_model(checkpoint, mesh)[0]))
 
 
 def test_peft_export_loads_with_peft_and_reimports(world, checkpoint, mesh, tmp_path):

@@ -101,9 +101,12 @@ class AudioEncoder(torch.nn.Module):
 class ReleaseXEmoGPT(torch.nn.Module):
     """The release's module tree at tiny size; ``state_dict()`` gives release-style keys."""
 
-    def __init__(self, llm: transformers.PreTrainedModel, clip: transformers.CLIPModel, hubert: transformers.HubertModel):
+    def __init__(
+        self, llm: transformers.PreTrainedModel, clip: transformers.CLIPModel, hubert: transformers.HubertModel
+    ):
         super().__init__()
-        lora = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"])
+        targets = ["q_proj", "k_proj", "v_proj"]
+        lora = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets)
         self.llm_model = peft.get_peft_model(llm, lora)
         self.visual_encoder = VisualEncoder(clip)
         self.audio_encoder = AudioEncoder(hubert)
@@ -179,6 +182,11 @@ def imported(world: dict[str, Path], root: Path, *extra: str, variant: str = "")
         import_weights.main(import_args(world, out, *extra, variant=variant))
         (root / "complete").touch()
     return out
+
+
+def release_import(world: dict[str, Path], base: Path) -> Path:
+    """The session's checkpoint imported from the HF dirs plus the release file."""
+    return imported(world, base / "weights_release_import", "--release-ckpt", str(world["release"]))
 
 
 def pixels(n: int, seed: int = 0) -> np.ndarray:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -29,8 +31,13 @@ def _dtype_name(dtype: np.dtype) -> str:
         raise ValueError(f"dtype {dtype} has no safetensors name") from None
 
 
-def write_safetensors(path: str | Path, tensors: Sequence[ExportTensor], metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` to one safetensors file, fetching each only when its bytes are due."""
+def write_safetensors(
+    path: str | Path, tensors: Sequence[ExportTensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``tensors`` to one safetensors file, fetching each only when its bytes are due.
+
+    Every process fetches (a fetch may be a collective gather); only process 0 writes the file.
+    """
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: duplicate tensor names")
@@ -38,11 +45,11 @@ def write_safetensors(path: str | Path, tensors: Sequence[ExportTensor], metadat
     offset = 0
     for t in tensors:
         size = math.prod(t.shape) * np.dtype(t.dtype).itemsize
-        header[t.name] = {"dtype": _dtype_name(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[t.name] = dict(dtype=_dtype_name(t.dtype), shape=list(t.shape), data_offsets=[offset, offset + size])
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
+    with open(path if jax.process_index() == 0 else os.devnull, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for t in tensors:
@@ -63,4 +70,5 @@ def write_torch(path: str | Path, tensors: Iterable[ExportTensor]) -> None:
             state[t.name] = torch.from_numpy(value.view(np.int16).copy()).view(torch.bfloat16)
         else:
             state[t.name] = torch.from_numpy(value.copy())
-    torch.save(state, path)
+    if jax.process_index() == 0:
+        torch.save(state, path)

@@ -51,11 +51,16 @@ LINEARS: dict[str, StatePath] = {
     "visual_llm_project": ("visual_llm_project",),
     "audio_llm_project": ("audio_llm_project",),
 }
+ArrayFn = Callable[[np.ndarray], np.ndarray]
 # release tensor -> (our path, release -> ours, ours -> release)
-TABLES: dict[str, tuple[StatePath, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
+TABLES: dict[str, tuple[StatePath, ArrayFn, ArrayFn]] = {
     # the release keeps the positional table as [1, F, D]; ours is [F, D]
-    "visual_encoder.position_embedding": (("vecb", "position_embedding"), lambda w: w.reshape(w.shape[-2:]), lambda w: w[None]),
-    "visual_encoder.attention_pooling.attn_vector": (("vecb", "attention_pooling", "attn_vector"), lambda w: w, lambda w: w),
+    "visual_encoder.position_embedding": (
+        ("vecb", "position_embedding"), lambda w: w.reshape(w.shape[-2:]), lambda w: w[None]
+    ),
+    "visual_encoder.attention_pooling.attn_vector": (
+        ("vecb", "attention_pooling", "attn_vector"), lambda w: w, lambda w: w
+    ),
 }
 _LORA_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)(?:\.default)?\.weight$")
 _BRIDGE_LAYER_RE = re.compile(r"^(\d+)\.(.+)$")
@@ -109,8 +114,10 @@ def release_key_map(name: str) -> Target | None:
         path, forward, _ = TABLES[name]
         return Target(path, forward)
     module, _, leaf = name.rpartition(".")
-    if module in LINEARS and leaf in ("weight", "bias"):
-        return Target(LINEARS[module] + ("kernel" if leaf == "weight" else "bias",), _transpose if leaf == "weight" else None)
+    if module in LINEARS and leaf == "weight":
+        return Target(LINEARS[module] + ("kernel",), _transpose)
+    if module in LINEARS and leaf == "bias":
+        return Target(LINEARS[module] + ("bias",))
     return None
 
 
@@ -194,8 +201,10 @@ def release_name(path: StatePath, index: int | None = None) -> tuple[str, Callab
     if tuple(path) in _TABLE_NAMES:
         return _TABLE_NAMES[tuple(path)]
     module, leaf = tuple(path[:-1]), path[-1]
-    if module in _LINEAR_NAMES and leaf in ("kernel", "bias"):
-        return f"{_LINEAR_NAMES[module]}.{'weight' if leaf == 'kernel' else 'bias'}", _transpose if leaf == "kernel" else None
+    if module in _LINEAR_NAMES and leaf == "kernel":
+        return f"{_LINEAR_NAMES[module]}.weight", _transpose
+    if module in _LINEAR_NAMES and leaf == "bias":
+        return f"{_LINEAR_NAMES[module]}.bias", None
     raise KeyError(f"no release name for parameter {'/'.join(map(str, path))}")
 
 
@@ -203,7 +212,11 @@ def _is_stacked(path: StatePath) -> bool:
     return path[:2] == ("llm", "layers")
 
 
-def _export_record(name: str, array: jax.Array, transform: Callable | None, dtype: Any, index: int | None) -> ExportTensor:
+def _export_record(
+    name: str, array: jax.Array, transform: Callable | None, dtype: Any, index: int | None
+) -> ExportTensor:
+    """A lazy record of ``array`` (or its slot ``index``), transformed to the release layout and cast to ``dtype``."""
+
     def fetch() -> np.ndarray:
         value = host_value(array if index is None else array[index])
         value = transform(value) if transform else value
