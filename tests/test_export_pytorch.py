@@ -19,7 +19,8 @@ from flax import nnx
 from tests.weights_fixtures import build_world, import_args, pixels, release_import, release_state, waveforms
 from xemogpt_jax import sharding
 from xemogpt_jax.model_checkpoint import restore_model
-from xemogpt_jax.models import hf_io, lora
+from xemogpt_jax.models import hf_io, lora, xemogpt_params
+from xemogpt_jax.models.xemogpt import XEmoGPT, paper_config
 from tools import export_pytorch, import_weights
 
 IDS = np.array([[3, 17, 42, 8, 60, 11], [90, 2, 33, 33, 7, 1]], np.int32)
@@ -138,3 +139,23 @@ def test_peft_export_loads_with_peft_and_reimports(world, checkpoint, mesh, tmp_
     assert spec.lora["rank"] == 4
     llm_only = lambda p: {k: v for k, v in p.items() if k.startswith("llm/")}  # noqa: E731
     assert_same_params(llm_only(params(again)), llm_only(params(model)))
+
+
+def test_release_names_invert_over_the_paper_scale_tree():
+    """Every parameter (and LLM layer slot) of the paper-scale model has one release name that maps back to it."""
+    model = nnx.eval_shape(lambda: XEmoGPT(paper_config(), rngs=nnx.Rngs(0)))
+    names = set()
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        shape = variable.get_value().shape
+        stacked = tuple(path[:2]) == ("llm", "layers")
+        for index in range(shape[0]) if stacked else [None]:
+            name, to_release = xemogpt_params.release_name(tuple(path), index)
+            target = xemogpt_params.release_key_map(name)
+            assert (target.path, target.index) == (tuple(path), index), name
+            ours = np.broadcast_to(np.zeros((), np.uint8), shape[1:] if stacked else shape)
+            released = to_release(ours) if to_release else ours
+            assert (target.transform(released) if target.transform else released).shape == ours.shape, name
+            names.add(name)
+    assert "llm_model.base_model.model.model.layers.35.self_attn.v_proj.lora_B.default.weight" in names
+    assert "visual_encoder.temporal_disc_head.2.weight" in names
+    assert "audio_encoder.audio_encoder.encoder.pos_conv_embed.conv.parametrizations.weight.original0" in names
