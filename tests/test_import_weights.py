@@ -16,6 +16,7 @@ from tests.weights_fixtures import (
 )
 from xemogpt_jax import sharding
 from xemogpt_jax.model_checkpoint import restore_model
+from xemogpt_jax.models import xemogpt_params
 from tools import import_weights
 
 IDS = np.array([[3, 17, 42, 8, 60, 11], [90, 2, 33, 33, 7, 1]], np.int32)
@@ -162,3 +163,32 @@ def test_paper_config_file_supplies_bridge_and_lora_settings(world):
     assert (spec.num_frames, spec.bridge_layers) == (16, 2)
     assert spec.model_config().llm.hidden_size == 32
     assert spec.sources["llm"] == str(world["llm"].absolute())
+
+
+@pytest.mark.parametrize(
+    "name, path, index",
+    [
+        # PEFT's wrapped base weights (Qwen2 has q/k/v biases) and the plain HF spelling
+        ("llm_model.base_model.model.model.layers.1.self_attn.q_proj.base_layer.bias",
+         ("llm", "layers", "self_attn", "q_proj", "bias"), 1),
+        ("llm_model.base_model.model.model.layers.0.self_attn.k_proj.weight",
+         ("llm", "layers", "self_attn", "k_proj", "kernel"), 0),
+        ("llm_model.base_model.model.model.layers.3.self_attn.v_proj.lora_B.default.weight",
+         ("llm", "layers", "self_attn", "v_proj", "lora_b"), 3),
+        # older weight-norm names of the HuBERT positional conv (as chinese-hubert-large ships)
+        ("audio_encoder.audio_encoder.encoder.pos_conv_embed.conv.weight_g",
+         ("audio_tower", "encoder", "pos_conv_embed", "weight_g"), None),
+        ("visual_encoder.clip.vision_model.pre_layrnorm.weight", ("vision_tower", "pre_layernorm", "scale"), None),
+        ("audio_encoder.audio_alignment_layer.1.final_layer_norm.bias",
+         ("aecb", "audio_alignment_layer", 1, "final_layer_norm", "bias"), None),
+    ],
+)
+def test_release_key_spellings(name, path, index):
+    target = xemogpt_params.release_key_map(name)
+    assert (target.path, target.index) == (path, index)
+
+
+def test_peft_adapter_names_map_to_adapters():
+    target = xemogpt_params.peft_key_map("base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight")
+    assert (target.path, target.index) == (("llm", "layers", "self_attn", "q_proj", "lora_a"), 2)
+    assert xemogpt_params.peft_key_map("model.layers.2.self_attn.q_proj.lora_A.weight") is None
