@@ -5,12 +5,14 @@
 
 Model sizes come from the HF ``config.json`` files; the config file supplies bridge depth, frame
 count, pretraining widths and LoRA settings (``--adapter``, a PEFT folder, supplies its own).
-Every source is streamed tensor by tensor into a model created directly in its sharded layout
-(``--mesh``); later sources override earlier ones (HF dirs, then the release file, then the
+Every source is streamed tensor by tensor, each tensor placed straight into its sharding on the
+mesh (``--mesh``), so no host holds the whole model; later sources override earlier ones (HF dirs, then the release file, then the
 adapter). The release file is a torch pickle and is opened only with
 ``torch.load(..., weights_only=True)`` (safetensors files are read without pickle), so a file
 that would run code on load is refused. Unused and missing keys are reported; a tensor whose
-shape disagrees with the model stops the import, naming the key and both shapes.
+shape disagrees with the model stops the import, naming the key and both shapes. Parameters no
+source sets keep their initial values (``--seed``); a stacked LLM adapter that a source sets for
+only some layers gets zeros in the others (reported as missing slots).
 
 The output is a model checkpoint (:mod:`xemogpt_jax.model_checkpoint`: every parameter plus the
 :class:`ModelSpec` JSON, written through ``checkpoint.Checkpointer``).
@@ -155,10 +157,10 @@ def import_weights(args: argparse.Namespace) -> tuple[ModelSpec, hf_io.LoadRepor
         if args.adapter:
             tensors = itertools.chain(tensors, hf_io.iter_tensors(Path(args.adapter) / "adapter_model.safetensors"))
         report = hf_io.assign(model, tensors, key_map, mesh)
+        missing_base = [m for m in report.missing if m.startswith(REQUIRED) and "/lora_" not in m]
+        if missing_base:
+            raise ValueError(f"no tensor for {len(missing_base)} encoder/LLM parameters: {missing_base[:8]}")
         init_unset(model, factory, mesh)
-    missing_base = [m for m in report.missing if m.startswith(REQUIRED) and "/lora_" not in m]
-    if missing_base:
-        raise ValueError(f"no tensor for {len(missing_base)} encoder/LLM parameters: {missing_base[:8]}")
     model_checkpoint.save_model(args.out, model, spec)
     return spec, report
 
