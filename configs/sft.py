@@ -61,7 +61,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     if variant == "tiny":
         common.tiny_overrides(c)
         c.model.remat = False
-        c.model.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj")))
+        # The tiny LLM is random-init (no pretrained base to adapt), so it is fully fine-tuned: rank -1.
+        c.model.lora = ml_collections.ConfigDict(dict(rank=-1, alpha=16.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj")))
         c.data.max_audio_seconds = 3.0
         c.data.max_context = 512
         c.data.length_buckets = (384, 512, 640, 768)

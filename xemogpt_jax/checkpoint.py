@@ -15,12 +15,14 @@ checkpoint written on one mesh shape loads onto any other.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as preservation
 
@@ -28,10 +30,16 @@ STATE, DATA, CONFIG = "state", "data", "config"
 EVAL_METRIC = "eval_loss"
 
 
+def resolve(directory: str | os.PathLike) -> epath.Path:
+    """A local path made absolute (Orbax requires it), or a remote one (``gs://...``) as given."""
+    text = os.fspath(directory)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 class Checkpointer:
     """Saves every ``every_steps``, keeps the latest ``keep`` and the best by eval loss."""
 
-    def __init__(self, directory: str | Path, *, every_steps: int, keep: int, keep_best: bool, async_save: bool):
+    def __init__(self, directory: str | os.PathLike, *, every_steps: int, keep: int, keep_best: bool, async_save: bool):
         policies: list[Any] = [preservation.LatestN(n=keep)]
         if keep_best:
             policies.append(
@@ -48,7 +56,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self.directory = Path(directory).absolute()
+        self.directory = resolve(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, CONFIG))
 
     def latest_step(self) -> int | None:
@@ -111,7 +119,7 @@ class Checkpointer:
 
 def restore_config(directory: str | Path, step: int | None = None) -> dict[str, Any]:
     """The config a checkpoint was trained with."""
-    with ocp.CheckpointManager(Path(directory).absolute(), item_names=(CONFIG,)) as manager:
+    with ocp.CheckpointManager(resolve(directory), item_names=(CONFIG,)) as manager:
         step = manager.latest_step() if step is None else step
         return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
@@ -122,7 +130,7 @@ def restore_state_numpy(directory: str | Path, step: int | None = None) -> dict[
     Used to initialise stage 3 from the stage 1-2 bridge checkpoints (their optimizer state is ignored).
     """
     handlers = {STATE: ocp.StandardCheckpointHandler()}
-    with ocp.CheckpointManager(Path(directory).absolute(), item_handlers=handlers) as manager:
+    with ocp.CheckpointManager(resolve(directory), item_handlers=handlers) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")

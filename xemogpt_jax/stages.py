@@ -213,8 +213,15 @@ def align_audio_task(config: ml_collections.ConfigDict) -> Task:
 # ---------------------------------------------------------------- stage 3
 
 # Parts of the bridges that stage 3 trains (their stage 1-2 heads get no gradient there).
-BRIDGE_PARTS = ("position_embedding", "visual_alignment_layer", "audio_alignment_layer")
+BRIDGE_PARTS = {"vecb": ("position_embedding", "visual_alignment_layer"), "aecb": ("audio_alignment_layer",)}
 PROJECTIONS = ("visual_llm_project", "audio_llm_project")
+
+
+def bridge_layers(path: tuple[Any, ...], value: Any) -> bool:
+    """True for a bridge's own layers and positional table (not the frozen towers' namesakes)."""
+    return any(
+        bridge in path and any(part in path for part in parts) for bridge, parts in BRIDGE_PARTS.items()
+    )
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
@@ -228,7 +235,7 @@ def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None
 def sft_trainable(config: ml_collections.ConfigDict) -> Any:
     parts = [nnx.PathContains(name) for name in PROJECTIONS]
     if config.model.train_bridges:
-        parts += [nnx.PathContains(name) for name in BRIDGE_PARTS]
+        parts.append(bridge_layers)
     if config.model.lora.rank > 0:
         parts.append(lora_lib.LoraParam)
     elif config.model.lora.rank < 0:

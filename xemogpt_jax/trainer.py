@@ -248,6 +248,12 @@ def step_flops(engine: Engine, batch: Batch, config: ml_collections.ConfigDict, 
     return metrics_lib.step_flops_from_params(total, trained_params, tokens)
 
 
+def log_directory(workdir: Any) -> Path:
+    """Where TensorBoard events and metrics.jsonl go: the workdir, or ``./logs/<name>`` for a remote one."""
+    text = str(workdir)
+    return Path(text) if "://" not in text else Path("logs") / text.rstrip("/").rsplit("/", 1)[-1]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path, task: Task, mesh: Mesh | None = None) -> dict[str, float]:
     """Train ``task`` to ``config.train.steps``, resuming from ``workdir`` if it holds a checkpoint.
 
@@ -255,7 +261,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, task: Task, mesh
     Returns the last logged metrics. Raises :class:`NonFiniteLossError` on a NaN/inf loss (the last
     checkpoint stays as it was). Returns early, after saving, when SIGTERM arrives.
     """
-    workdir = Path(workdir)
+    workdir = checkpoint_lib.resolve(workdir)
     mesh = mesh or sharding.make_mesh(tuple(config.mesh.shape))
     tx = optim.make_optimizer(config.optim, config.train.steps)
     engine = build_engine(task, tx, mesh, config.seed, optim.learning_rate_at_step(config.optim, config.train.steps))
@@ -282,7 +288,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, task: Task, mesh
         tokens = task.tokens(local) * jax.process_count()
         flops = step_flops(engine, batch, config, tokens)
     writer = metrics_lib.MetricsWriter(
-        workdir,
+        log_directory(workdir),
         total_steps=config.train.steps,
         initial_step=step,
         flops_per_step=flops,
