@@ -45,6 +45,7 @@ from xemogpt_jax.preprocessing import image as image_pre
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared/media"
 AUDIO_SAMPLES = 32_000  # 2 s: 200 audio tokens with the tiny HuBERT (100 frames/s)
+BUCKETS = (256, 512, 768, 1024)
 
 
 def small_qwen(vocab_size: int) -> transformers.Qwen3Config:
@@ -191,7 +192,7 @@ def bench_explanations(new_tokens: int, clips: int, repeats: int) -> None:
     )
     model = XEmoGPT(config, rngs=nnx.Rngs(0))
     load_into(model, reference)
-    explainer = Explainer(model, tokenizer, buckets=(1024,))
+    explainer = Explainer(model, tokenizer, buckets=BUCKETS)
     clip = read_clip("bench", MEDIA / "sample_00000007.mp4", None, "I can't believe you did that.",
                      frame_size=config.vision.image_size)
     clip = Clip("bench", clip.frames, clip.audio[:AUDIO_SAMPLES], clip.subtitle)
@@ -199,7 +200,7 @@ def bench_explanations(new_tokens: int, clips: int, repeats: int) -> None:
     decoding = Decoding(max_new_tokens=new_tokens, num_beams=1, do_sample=False)
 
     samples = [explainer.layout(c) for c in batch_clips]
-    layout = prompt.collate_for_generation(samples, (1024,), tokenizer.pad_token_id)
+    layout = prompt.collate_for_generation(samples, BUCKETS, tokenizer.pad_token_id)
     frames = torch.from_numpy(np.stack([image_pre.normalize(c.frames) for c in batch_clips]))
     values, mask = audio_pre.preprocess_audio([c.audio for c in batch_clips], max_samples=AUDIO_SAMPLES)
     audio, audio_mask = torch.from_numpy(values), torch.from_numpy(mask).long()

@@ -1,4 +1,4 @@
-"""Beam sampling (num_beams > 1 with do_sample), the release's decoding mode, against transformers."""
+"""Beam sampling (num_beams > 1 with do_sample, the release's decoding mode) and repetition penalty vs transformers."""
 
 from __future__ import annotations
 
@@ -65,3 +65,30 @@ def test_hot_beam_sampling_is_seeded_and_random(tiny):
                                 rng=jax.random.key(k))) for k in (1, 1, 2)]
     np.testing.assert_array_equal(runs[0], runs[1])
     assert not np.array_equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_repetition_penalty_matches_transformers_from_embeddings(tiny, beams):
+    """From input embeddings HF penalises only generated tokens; a strong penalty must change the output.
+
+    Rows are unpadded: transformers 5 also skips the first ``pad count`` *generated* tokens of a left-padded
+    row when the prompt is embeddings (its prompt_ignore_length assumes ids), a quirk we do not copy.
+    """
+    hf_model, model = tiny
+    ids, mask = padded_batch([6, 6, 6], 6, left=True, seed=8)
+    embeds = np.asarray(model.embed(jnp.asarray(ids)))
+
+    def hf(penalty: float) -> np.ndarray:
+        with torch.no_grad():
+            out = hf_model.generate(
+                inputs_embeds=torch.tensor(embeds), attention_mask=torch.tensor(mask), max_new_tokens=12,
+                num_beams=beams, do_sample=False, pad_token_id=PAD, eos_token_id=EOS, repetition_penalty=penalty,
+            ).numpy()
+        return np.pad(out, ((0, 0), (0, 12 - out.shape[1])))
+
+    expected = hf(3.0)
+    assert not np.array_equal(expected, hf(1.0))
+    config = GenerationConfig(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, num_beams=beams,
+                              repetition_penalty=3.0)
+    ours = generate(model, inputs_embeds=jnp.asarray(embeds), attention_mask=jnp.asarray(mask), config=config)
+    np.testing.assert_array_equal(np.asarray(ours), expected)

@@ -55,8 +55,8 @@ class Decoding:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        if self.repetition_penalty != 1.0:
-            raise ValueError("repetition_penalty other than 1.0 (the release's value) is not implemented")
+        if not self.repetition_penalty > 0:
+            raise ValueError("repetition_penalty must be positive")
         if self.max_new_tokens < 1 or self.num_beams < 1:
             raise ValueError("max_new_tokens and num_beams must be at least 1")
         if self.do_sample and not self.temperature > 0:
@@ -211,6 +211,7 @@ class Explainer:
             max_new_tokens=decoding.max_new_tokens, eos_token_id=tuple(sorted(eos)),
             pad_token_id=int(self.tokenizer.pad_token_id), do_sample=decoding.do_sample,
             temperature=decoding.temperature, top_p=decoding.top_p, num_beams=decoding.num_beams,
+            repetition_penalty=decoding.repetition_penalty,
         )
 
     def decode(self, tokens: np.ndarray, eos: Sequence[int]) -> str:

@@ -38,6 +38,7 @@ class GenerationConfig:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool = False
+    repetition_penalty: float = 1.0  # HF's, over the generated tokens (the prompt is embeddings)
 
     def __post_init__(self):
         eos = self.eos_token_id
@@ -109,6 +110,17 @@ def top_p_filter(logits: jax.Array, top_p: float, min_tokens_to_keep: int = 1) -
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
+def repetition_penalize(scores: jax.Array, generated: jax.Array, step: jax.Array, penalty: float) -> jax.Array:
+    """HF ``RepetitionPenaltyLogitsProcessor`` over ``generated[:, :step]``: seen tokens' scores / penalty if
+    positive, * penalty if negative."""
+    if penalty == 1.0:
+        return scores
+    rows, vocab = scores.shape
+    tokens = jnp.where(jnp.arange(generated.shape[1]) < step, generated, vocab)
+    seen = jnp.zeros((rows, vocab), bool).at[jnp.arange(rows)[:, None], tokens].set(True, mode="drop")
+    return jnp.where(seen, jnp.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
 def _choose(logits: jax.Array, key: jax.Array, config: GenerationConfig) -> jax.Array:
     if not config.do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -134,6 +146,7 @@ def _sample_loop(model, logits, cache, rng, config: GenerationConfig) -> jax.Arr
     def body(carry):
         step, out, tokens, done, cache = carry
         logits, cache = _decode_step(model, tokens, cache)
+        logits = repetition_penalize(logits, out, step, config.repetition_penalty)
         chosen = _choose(logits, jax.random.fold_in(rng, step), config)
         chosen = jnp.where(done, config.pad_token_id, chosen)
         out = jax.lax.dynamic_update_slice(out, chosen[:, None], (0, step))
@@ -159,9 +172,14 @@ def _reorder_cache(cache: KVCache, flat_parents: jax.Array) -> KVCache:
     )
 
 
-def _beam_log_probs(logits: jax.Array, config: GenerationConfig) -> jax.Array:
-    """Next-token scores of the beams: log-softmax, then (sampling only) temperature and top-p, as HF orders them."""
+def _beam_log_probs(
+    logits: jax.Array, config: GenerationConfig, generated: jax.Array | None = None, step: jax.Array | int = 0
+) -> jax.Array:
+    """Next-token scores of the beams: log-softmax, repetition penalty over ``generated[:, :step]``, then
+    (sampling only) temperature and top-p, as HF orders them."""
     log_probs = jax.nn.log_softmax(logits, axis=-1)
+    if generated is not None:
+        log_probs = repetition_penalize(log_probs, generated, step, config.repetition_penalty)
     if not config.do_sample:
         return log_probs
     log_probs = log_probs / config.temperature
@@ -249,7 +267,8 @@ def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array)
         flat_parents = (parents + jnp.arange(batch)[:, None] * k).reshape(-1)
         cache = _reorder_cache(cache, flat_parents)
         logits, cache = _decode_step(model, tokens.reshape(-1), cache)
-        log_probs = _beam_log_probs(logits, config).reshape(batch, k, vocab)
+        generated = s["running_seq"].reshape(batch * k, n)
+        log_probs = _beam_log_probs(logits, config, generated, step).reshape(batch, k, vocab)
         s, parents, tokens = select(step, log_probs, s)
         return step + 1, s, parents, tokens, cache
 
