@@ -33,14 +33,16 @@ def hf_config() -> transformers.Qwen3Config:
     )
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (and compile)
-    times = []
+def median_seconds(ours: Callable[[], object], theirs: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall time of each, measured alternately so load from other processes hits both alike."""
+    ours(), theirs()  # warm-up (and compile)
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in ((ours, times[0]), (theirs, times[1])):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def bench_train(hf_model, model, ids: np.ndarray, repeats: int) -> tuple[float, float]:
@@ -56,8 +58,6 @@ def bench_train(hf_model, model, ids: np.ndarray, repeats: int) -> tuple[float, 
         return jax.value_and_grad(loss_fn)(state)
 
     ids_jax = jnp.asarray(ids)
-    ours = median_seconds(lambda: jax.block_until_ready(loss_and_grads(state, ids_jax)), repeats)
-
     hf_model.train()
     ids_torch = torch.tensor(ids, dtype=torch.long)
 
@@ -65,7 +65,7 @@ def bench_train(hf_model, model, ids: np.ndarray, repeats: int) -> tuple[float, 
         hf_model.zero_grad(set_to_none=True)
         hf_model(input_ids=ids_torch, labels=ids_torch).loss.backward()
 
-    theirs = median_seconds(torch_step, repeats)
+    ours, theirs = median_seconds(lambda: jax.block_until_ready(loss_and_grads(state, ids_jax)), torch_step, repeats)
     hf_model.eval()
     return tokens / ours, tokens / theirs
 
@@ -75,8 +75,6 @@ def bench_decode(hf_model, model, ids: np.ndarray, new: int, repeats: int) -> tu
     config = GenerationConfig(max_new_tokens=new, eos_token_id=(), pad_token_id=0)
     ids_jax = jnp.asarray(ids)
     ours_out = np.asarray(generate(model, ids_jax, config=config))
-    ours = median_seconds(lambda: jax.block_until_ready(generate(model, ids_jax, config=config)), repeats)
-
     ids_torch = torch.tensor(ids, dtype=torch.long)
 
     def hf_generate():
@@ -87,7 +85,9 @@ def bench_decode(hf_model, model, ids: np.ndarray, new: int, repeats: int) -> tu
             )
 
     theirs_out = hf_generate()[:, ids.shape[1]:].numpy()
-    theirs = median_seconds(hf_generate, repeats)
+    ours, theirs = median_seconds(
+        lambda: jax.block_until_ready(generate(model, ids_jax, config=config)), hf_generate, repeats
+    )
     return tokens / ours, tokens / theirs, bool(np.array_equal(ours_out, theirs_out))
 
 
