@@ -30,6 +30,11 @@ STATE, DATA, CONFIG = "state", "data", "config"
 EVAL_METRIC = "eval_loss"
 
 
+def _handlers() -> dict[str, Any]:
+    """Handlers for every item, so reading one item does not warn about the others."""
+    return {STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
+
+
 def resolve(directory: str | os.PathLike) -> epath.Path:
     """A local path made absolute (Orbax requires it), or a remote one (``gs://...``) as given."""
     text = os.fspath(directory)
@@ -119,7 +124,7 @@ class Checkpointer:
 
 def restore_config(directory: str | Path, step: int | None = None) -> dict[str, Any]:
     """The config a checkpoint was trained with."""
-    with ocp.CheckpointManager(resolve(directory), item_names=(CONFIG,)) as manager:
+    with ocp.CheckpointManager(resolve(directory), item_handlers=_handlers()) as manager:
         step = manager.latest_step() if step is None else step
         return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
@@ -129,8 +134,7 @@ def restore_state_numpy(directory: str | Path, step: int | None = None) -> dict[
 
     Used to initialise stage 3 from the stage 1-2 bridge checkpoints (their optimizer state is ignored).
     """
-    handlers = {STATE: ocp.StandardCheckpointHandler()}
-    with ocp.CheckpointManager(resolve(directory), item_handlers=handlers) as manager:
+    with ocp.CheckpointManager(resolve(directory), item_handlers=_handlers()) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")
