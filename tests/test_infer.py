@@ -184,3 +184,11 @@ def test_batch_over_arrayrecord_folder_with_release_decoding(scripted_checkpoint
     counts = infer.run_batch(model, records, out, tmp_path, explainer_lib.Decoding(max_new_tokens=4), 8, False)
     assert counts == {"written": 2, "already_done": 0, "failed": 0}
     assert [(line["id"], line["explanation"]) for line in _lines(out)] == [("a", REPLY), ("b", REPLY)]
+
+
+def test_local_cue_extraction_backend_uses_chat_completion(scripted_checkpoint):
+    from xemogpt_jax import cue_extraction
+
+    chat = cue_extraction.local_chat(str(scripted_checkpoint))
+    reply = chat(cue_extraction.build_messages("In the video, he frowns."))
+    assert cue_extraction.parse_cues(reply) == json.loads(REPLY)
