@@ -85,7 +85,8 @@ def bench_decode(new_tokens: int, batches: list[int], repeats: int, prompt_lengt
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
         ours, _ = qwen3_params.load_hf(folder)
-    print(f"decode: Qwen3 hidden 512 x 8 layers, vocab 4096, prompt {prompt_length} embeddings, {new_tokens} new tokens")
+    print(f"decode: Qwen3 hidden 512 x 8 layers, vocab 4096, prompt {prompt_length} embeddings, "
+          f"{new_tokens} new tokens")
     print(f"{'mode':<14}{'batch':>6}{'ours tok/s':>13}{'HF tok/s':>11}{'ratio':>8}")
     for beams in (1, 5):
         for batch in batches:
@@ -152,7 +153,8 @@ class TorchXEmoGPT(torch.nn.Module):
         kind = torch.from_numpy(batch["kind"]).long()[..., None]
         index = torch.from_numpy(batch["feature_index"]).long()[..., None]
         embeds = self.llm.get_input_embeddings()(ids)
-        for slot, tokens in ((prompt.VIDEO, self.video_tokens(frames)), (prompt.AUDIO, self.audio_tokens(audio, audio_mask))):
+        slots = ((prompt.VIDEO, self.video_tokens(frames)), (prompt.AUDIO, self.audio_tokens(audio, audio_mask)))
+        for slot, tokens in slots:
             gathered = torch.gather(tokens, 1, index.clamp(max=tokens.shape[1] - 1).expand(-1, -1, tokens.shape[2]))
             embeds = torch.where(kind == slot, gathered, embeds)
         out = self.llm.generate(

@@ -1,4 +1,4 @@
-"""Inference on the real shared clip with tiny checkpoints: CLI modalities vs a cache-free reference, and --batch resume."""
+"""Inference on the real shared clip with tiny checkpoints: CLI modalities vs a cache-free reference, --batch resume."""
 
 from __future__ import annotations
 

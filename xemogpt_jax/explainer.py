@@ -300,7 +300,8 @@ class Explainer:
         if not conversations:
             return []
         pad = int(self.tokenizer.pad_token_id)
-        prompts = [[pad] + self.tokenizer.encode(self.chat_prompt(m), add_special_tokens=False)[-self.config.max_context:]
+        limit = self.config.max_context
+        prompts = [[pad] + self.tokenizer.encode(self.chat_prompt(m), add_special_tokens=False)[-limit:]
                    for m in conversations]
         rows = _power_of_two(len(prompts))
         prompts += [prompts[0]] * (rows - len(prompts))

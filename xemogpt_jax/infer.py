@@ -118,10 +118,14 @@ def _annotation_clips(path: Path, media_root: Path, frame_size: int) -> Iterator
             yield row.clip_id, str(error)
 
 
-def _record_clips(folder: Path) -> Iterator[tuple[str, Clip | str]]:
+def _record_clips(folder: Path, frame_size: int) -> Iterator[tuple[str, Clip | str]]:
     source = records.open_source(folder)
     for index in range(len(source)):
         record = schema.decode_record(source[index])
+        if record["has_video"] and record["frames"].shape[1:3] != (frame_size, frame_size):
+            yield record["clip_id"], (f"record frames are {record['frames'].shape[1]} px, the model wants "
+                                      f"{frame_size} px: rebuild the records with --frame-size {frame_size}")
+            continue
         try:
             yield record["clip_id"], explainer_lib.clip_from_record(record)
         except ValueError as error:
@@ -138,7 +142,10 @@ def run_batch(model: Explainer, batch: Path, out: Path, media_root: Path, decodi
               batch_size: int, show_progress: bool) -> dict[str, int]:
     """Explain every clip of ``batch`` not yet in ``out``; returns counts of written, skipped and failed."""
     done = finished_ids(out)
-    clips = _record_clips(batch) if batch.is_dir() else _annotation_clips(batch, media_root, model.frame_size)
+    if batch.is_dir():
+        clips = _record_clips(batch, model.frame_size)
+    else:
+        clips = _annotation_clips(batch, media_root, model.frame_size)
     counts = {"written": 0, "already_done": 0, "failed": 0}
     bar = tqdm.tqdm(total=_count(batch), disable=not show_progress, unit="clip", dynamic_ncols=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -368,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_json_bytes=int(args.max_json_kb * 1024))
     server = Server(model, args.host, args.port, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
                     limits=limits, defaults=defaults, model_name=args.model_name)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.warning("listening on %s: anyone who can reach it can run the model and read media paths", args.host)
     print(f"serving {args.checkpoint} on {server.url}", flush=True)
     try:
         server.serve_forever()
