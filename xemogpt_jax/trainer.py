@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import signal
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
