@@ -333,6 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, task: Task, mesh
                 break
             if step < config.train.steps:
                 local = next(data)
+                tokens = task.tokens(local) * jax.process_count()
                 with jax.set_mesh(mesh):
                     batch = global_batch(local, mesh, task.pad_values)
     finally:
