@@ -67,7 +67,7 @@ def test_sharded_jit_matches_transformers(tmp_path, devices):
         expected = hf(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
     mesh = sharding.make_mesh((1, 2, 4))
     model, _ = load_bert(tmp_path, mesh=mesh)
-    kernel = model.layers[0].attention.query.kernel
+    kernel = model.layers[0].attention.q_proj.kernel
     assert kernel.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda st, ids, mask, tt: nnx.merge(graphdef, st)(ids, mask, tt)[0])

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from xemogpt_jax import sharding
 from xemogpt_jax.models import hf_io
-from xemogpt_jax.models.hubert import HubertConfig, HubertEncoderLayer, HubertModel, key_mask_bias
+from xemogpt_jax.models.hubert import HubertConfig, HubertEncoderLayer, HubertModel
+from xemogpt_jax.models.layers import key_mask_bias
 from xemogpt_jax.models.hubert_params import ENCODER_LAYER_RULES, load_hubert, make_key_map
 
 TINY = dict(

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xemogpt_jax.models.layers import DType, Embed, LayerNorm, Linear, activation
+from xemogpt_jax.models.layers import DType, Embed, LayerNorm, Linear, SelfAttention, activation, key_mask_bias
 from xemogpt_jax.sharding import constrain
 
 
@@ -68,38 +68,12 @@ class BertEmbeddings(nnx.Module):
         return self.norm(x).astype(dtype)
 
 
-class BertSelfAttention(nnx.Module):
-    """Multi-head attention with an additive key mask; the output projection is ``output``."""
-
-    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype: DType = None):
-        d = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
-        self.query = Linear(d, d, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.key = Linear(d, d, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.value = Linear(d, d, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.output = Linear(d, d, axes=("heads", "embed"), rngs=rngs, dtype=dtype)
-
-    def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
-        b, t, _ = x.shape
-
-        def heads(y: jax.Array) -> jax.Array:
-            return y.reshape(b, t, self.num_heads, self.head_dim)
-
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(self.head_dim))
-        scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        context = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, -1)
-        return self.output(context)
-
-
 class BertLayer(nnx.Module):
     """Post-norm block: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype: DType = None):
         d, f = config.hidden_size, config.intermediate_size
-        self.attention = BertSelfAttention(config, rngs=rngs, dtype=dtype)
+        self.attention = SelfAttention(config.hidden_size, config.num_attention_heads, rngs=rngs, dtype=dtype)
         self.attention_norm = LayerNorm(d, eps=config.layer_norm_eps)
         self.intermediate = Linear(d, f, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.output = Linear(f, d, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
@@ -107,7 +81,7 @@ class BertLayer(nnx.Module):
         self.act = activation(config.hidden_act)
 
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
-        x = self.attention_norm(x + self.attention(x, key_mask))
+        x = self.attention_norm(x + self.attention(x, key_mask_bias(key_mask)))
         x = self.output_norm(x + self.output(self.act(self.intermediate(x))))
         return constrain(x, ("batch", "length", "embed"))
 

@@ -29,10 +29,10 @@ _EMBEDDINGS = {
 }
 
 _LAYER_MODULES = {
-    "attention.self.query": ("attention", "query"),
-    "attention.self.key": ("attention", "key"),
-    "attention.self.value": ("attention", "value"),
-    "attention.output.dense": ("attention", "output"),
+    "attention.self.query": ("attention", "q_proj"),
+    "attention.self.key": ("attention", "k_proj"),
+    "attention.self.value": ("attention", "v_proj"),
+    "attention.output.dense": ("attention", "out_proj"),
     "attention.output.LayerNorm": ("attention_norm",),
     "intermediate.dense": ("intermediate",),
     "output.dense": ("output",),

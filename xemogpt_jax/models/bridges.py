@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xemogpt_jax.models.clip import CLIPEncoderConfig, CLIPEncoderLayer
-from xemogpt_jax.models.hubert import HubertConfig, HubertEncoderLayer, key_mask_bias
-from xemogpt_jax.models.layers import DType, Linear, default_init, param
+from xemogpt_jax.models.hubert import HubertConfig, HubertEncoderLayer
+from xemogpt_jax.models.layers import DType, Linear, default_init, key_mask_bias, param
 
 ALIGN_DIM = 768  # width of the bridge-pretraining embedding space (both sides of the contrastive losses)
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xemogpt_jax.models.layers import DType, Embed, LayerNorm, Linear, activation, default_init, param
+from xemogpt_jax.models.layers import DType, Embed, LayerNorm, Linear, SelfAttention, activation, default_init, param
 from xemogpt_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", "length", "embed")
@@ -101,35 +101,6 @@ class CLIPConfig:
         )
 
 
-class CLIPAttention(nnx.Module):
-    """Multi-head self-attention with an optional additive bias broadcastable to [B, heads, Tq, Tk]."""
-
-    def __init__(
-        self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
-    ):
-        width = config.hidden_size
-        kwargs = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.q_proj = Linear(width, width, axes=("embed", "heads"), **kwargs)
-        self.k_proj = Linear(width, width, axes=("embed", "heads"), **kwargs)
-        self.v_proj = Linear(width, width, axes=("embed", "heads"), **kwargs)
-        self.out_proj = Linear(width, width, axes=("heads", "embed"), **kwargs)
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
-
-    def _split_heads(self, y: jax.Array) -> jax.Array:
-        return y.reshape(*y.shape[:-1], self.num_heads, self.head_dim)
-
-    def __call__(self, x: jax.Array, attention_bias: jax.Array | None = None) -> jax.Array:
-        """Scores and softmax in fp32 whatever the compute dtype, as HF's eager attention does."""
-        q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.head_dim**-0.5
-        if attention_bias is not None:
-            scores = scores + attention_bias.astype(jnp.float32)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return self.out_proj(out.reshape(*x.shape[:-1], -1))
-
-
 class CLIPMLP(nnx.Module):
     def __init__(
         self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
@@ -150,7 +121,7 @@ class CLIPEncoderLayer(nnx.Module):
         self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
     ):
         kwargs = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.self_attn = CLIPAttention(config, **kwargs)
+        self.self_attn = SelfAttention(config.hidden_size, config.num_attention_heads, **kwargs)
         self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=param_dtype)
         self.mlp = CLIPMLP(config, **kwargs)
         self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=param_dtype)
@@ -196,7 +167,8 @@ class CLIPVisionEmbeddings(nnx.Module):
     ):
         p, width = config.patch_size, config.hidden_size
         patch_shape = (p, p, config.num_channels, width)
-        self.patch_kernel = param(rngs, default_init, patch_shape, ("kernel", "kernel", "conv_in", "embed"), param_dtype)
+        patch_axes = ("kernel", "kernel", "conv_in", "embed")
+        self.patch_kernel = param(rngs, default_init, patch_shape, patch_axes, param_dtype)
         self.class_embedding = param(rngs, default_init, (width,), ("embed",), param_dtype)
         self.position_embedding = Embed(
             config.num_patches + 1, width, rngs=rngs, axes=("length", "embed"), param_dtype=param_dtype

@@ -19,7 +19,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xemogpt_jax.models.layers import DType, LayerNorm, Linear, activation, default_init, param
+from xemogpt_jax.models.layers import (
+    DType,
+    LayerNorm,
+    Linear,
+    SelfAttention,
+    activation,
+    default_init,
+    key_mask_bias,
+    param,
+)
 from xemogpt_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", "length", None)
@@ -85,37 +94,6 @@ class HubertConfig:
         return num_samples
 
 
-def key_mask_bias(mask: jax.Array) -> jax.Array:
-    """Additive attention bias ``[B, 1, 1, T]`` from a ``[B, T]`` valid-key mask (HF's min-value fill)."""
-    return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
-
-
-class HubertAttention(nnx.Module):
-    """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
-
-    def __init__(self, config: HubertConfig, *, rngs: nnx.Rngs):
-        dim, opts = config.hidden_size, dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
-        self.q_proj = Linear(dim, dim, axes=("embed", "heads"), **opts)
-        self.k_proj = Linear(dim, dim, axes=("embed", "heads"), **opts)
-        self.v_proj = Linear(dim, dim, axes=("embed", "heads"), **opts)
-        self.out_proj = Linear(dim, dim, axes=("heads", "embed"), **opts)
-        self.num_heads = config.num_attention_heads
-        self.head_dim = dim // config.num_attention_heads
-
-    def __call__(self, x: jax.Array, attention_bias: jax.Array | None = None) -> jax.Array:
-        batch, length, _ = x.shape
-        split = (batch, length, self.num_heads, self.head_dim)
-        q = self.q_proj(x).reshape(split) * self.head_dim**-0.5
-        k = self.k_proj(x).reshape(split)
-        v = self.v_proj(x).reshape(split)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        if attention_bias is not None:
-            scores = scores + attention_bias
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, -1)
-        return self.out_proj(out)
-
-
 class HubertFeedForward(nnx.Module):
     """Position-wise MLP: dense -> activation -> dense."""
 
@@ -134,7 +112,8 @@ class _EncoderLayerBase(nnx.Module):
 
     def __init__(self, config: HubertConfig, *, rngs: nnx.Rngs):
         norm = dict(eps=config.layer_norm_eps, param_dtype=config.param_dtype)
-        self.attention = HubertAttention(config, rngs=rngs)
+        dtypes = dict(dtype=config.dtype, param_dtype=config.param_dtype)
+        self.attention = SelfAttention(config.hidden_size, config.num_attention_heads, rngs=rngs, **dtypes)
         self.layer_norm = LayerNorm(config.hidden_size, **norm)
         self.feed_forward = HubertFeedForward(config, rngs=rngs)
         self.final_layer_norm = LayerNorm(config.hidden_size, **norm)

@@ -115,6 +115,40 @@ class Embed(nnx.Module):
         return jnp.matmul(x, self.embedding[...].astype(x.dtype).T)
 
 
+def key_mask_bias(mask: jax.Array) -> jax.Array:
+    """Additive attention bias ``[B, 1, 1, T]`` from a ``[B, T]`` valid-key mask (HF's min-value fill)."""
+    return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+
+
+class SelfAttention(nnx.Module):
+    """Bidirectional multi-head self-attention, the one used by the CLIP, HuBERT and BERT encoders.
+
+    Takes an additive bias broadcastable to ``[B, heads, Tq, Tk]``; scores and softmax run in fp32
+    whatever the compute dtype, as HF's eager attention does.
+    """
+
+    def __init__(
+        self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
+    ):
+        kwargs = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = Linear(width, width, axes=("embed", "heads"), **kwargs)
+        self.k_proj = Linear(width, width, axes=("embed", "heads"), **kwargs)
+        self.v_proj = Linear(width, width, axes=("embed", "heads"), **kwargs)
+        self.out_proj = Linear(width, width, axes=("heads", "embed"), **kwargs)
+        self.num_heads = num_heads
+        self.head_dim = width // num_heads
+
+    def __call__(self, x: jax.Array, attention_bias: jax.Array | None = None) -> jax.Array:
+        heads = (*x.shape[:-1], self.num_heads, self.head_dim)
+        q, k, v = (proj(x).reshape(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.head_dim**-0.5
+        if attention_bias is not None:
+            scores = scores + attention_bias.astype(jnp.float32)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return self.out_proj(out.reshape(*x.shape[:-1], -1))
+
+
 def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
