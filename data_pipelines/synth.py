@@ -15,7 +15,9 @@ Rendering: a face drawn on 16 frames of ``S x S`` pixels (head motion: nodding m
 down, shaking left and right; brows sit higher when raised and slant inwards when furrowed; the mouth
 is a parabola whose corners bend up for a smile and down for a frown; dim lighting scales every pixel
 by 0.45). Audio: 2-3 s of 16 kHz voiced syllables, fundamental 240 Hz (high) or 120 Hz (low) with
-harmonics, gliding +/-15 % over the clip (rising / falling), peak 0.5 (loud) or 0.08 (soft), 6 or 2.5
+6 harmonics, gliding +/-15 % over the clip (rising / falling), peak 0.5 (loud) or 0.06 (soft) with
+harmonics decaying by 0.85 (loud: vocal effort brightens the voice) or 0.3 (soft) per step, so loudness
+survives the per-clip zero-mean / unit-variance normalisation of the HuBERT feature extractor, 6 or 2.5
 syllables per second, 9 Hz pitch vibrato of depth 8 % when trembling, and a 0.8 s burst of breathy
 "ha" pulses when laughing.
 
@@ -83,7 +85,8 @@ SAMPLE_RATE = schema.AUDIO_SAMPLE_RATE
 NUM_FRAMES = schema.NUM_FRAMES
 AUDIO_SECONDS = (2.0, 3.0)
 PITCH_HZ = {"high": 240.0, "low": 120.0}
-PEAK = {"loud": 0.5, "soft": 0.08}
+PEAK = {"loud": 0.5, "soft": 0.06}
+HARMONIC_DECAY = {"loud": 0.85, "soft": 0.3}
 SYLLABLES_PER_SECOND = {"fast": 6.0, "slow": 2.5}
 LIGHT_GAIN = {"bright": 1.0, "dim": 0.45}
 
@@ -243,7 +246,8 @@ def render_audio(audio: Cues, rng: np.random.Generator) -> np.ndarray:
     if audio["tremor"] == "trembling":
         f0 = f0 * (1.0 + 0.08 * np.sin(2 * np.pi * 9.0 * t))
     phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
-    voice = sum(0.6**k * np.sin((k + 1) * phase) for k in range(4)) / 2.2
+    decay = HARMONIC_DECAY[audio["loudness"]]
+    voice = sum(decay**k * np.sin((k + 1) * phase) for k in range(6))
     rate = SYLLABLES_PER_SECOND[audio["rate"]]
     envelope = np.abs(np.sin(np.pi * rate * t + rng.uniform(0, np.pi))) ** 1.5
     signal = voice * envelope
@@ -286,7 +290,7 @@ def auditory_cue_phrases(audio: Cues) -> list[str]:
 def emotional_cue_phrases(latents: ClipLatents) -> list[str]:
     """The inference as atomic statements: the emotion and what points to it in each present modality."""
     noun = _EMOTION_NOUN[latents.emotion]
-    phrases = [f"the person is {latents.emotion}"]
+    phrases = [f"the person is most likely {latents.emotion}"]  # worded as the description hedges it
     if latents.visual is not None:
         phrases.append(f"{noun} is suggested by {_VISUAL_REASON[latents.emotion]}")
     if latents.audio is not None:

@@ -87,7 +87,7 @@ def test_emotion_and_cue_lists_follow_the_rules_from_the_latents():
             assert ("the voice is trembling" in cues["auditory"]) == (a["tremor"] == "trembling")
             assert "In the audio, " in description
         assert not any("text" in cue for cue in cues["auditory"])  # EmoCue-360 drops those
-        assert cues["emotional"][0] == f"the person is {latents.emotion}"
+        assert cues["emotional"][0] == f"the person is most likely {latents.emotion}"
         assert description.endswith(f"the person is most likely {latents.emotion}.")
     assert seen_emotions == set(synth.EMOTIONS)
     assert seen_modalities == {(True, True), (True, False), (False, True)}
@@ -182,6 +182,13 @@ def test_audio_samples_carry_the_auditory_cues():
 
     assert rms(synth.render_audio(_voice(loudness="loud"), rng())) > 4 * rms(
         synth.render_audio(_voice(loudness="soft"), rng()))
+
+    def high_band_share(samples):  # invariant to the feature extractor's per-clip scaling
+        spectrum = np.abs(np.fft.rfft(samples.astype(np.float64))) ** 2
+        return spectrum[np.fft.rfftfreq(len(samples), 1 / 16000) > 600].sum() / spectrum.sum()
+
+    loud, soft = (synth.render_audio(_voice(loudness=level), rng()) for level in ("loud", "soft"))
+    assert high_band_share(loud) > 3 * high_band_share(soft)
 
     def syllable_rate(samples):
         envelope = np.abs(samples.astype(np.float64))

@@ -149,6 +149,38 @@ _SECTION_STARTS = (
     ),
 )
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+# "The audio is not available." and the like: closes a section without being a cue.
+_ABSENT_MODALITY = re.compile(
+    r"^(the )?(video|visual|image|frames?|audio|speech|voice|sound)\b.*\b(not available|unavailable|missing|absent)\b",
+    re.IGNORECASE,
+)
+# An inference anywhere in a sentence makes it (and what follows) emotional.
+_INFERENCE = re.compile(
+    r"\b(is|are) (suggested|indicated|implied|revealed) by\b|\b(most|very) likely\b|\bpoints? to\b",
+    re.IGNORECASE,
+)
+# Clause boundaries inside a sentence: ", and" / ", so" / ", but", or a comma opening a new clause
+# ("..., the brows are raised"); a comma inside a noun phrase ("the high, rising pitch") stays.
+_CLAUSE_END = re.compile(
+    r",\s+(?:(?:and|so|but)\s+|(?=(?:the|there|his|her|their|its|he|she|they|it|i|we)\b))", re.IGNORECASE
+)
+_AS_WELL_AS = re.compile(r"\s+as well as\s+", re.IGNORECASE)
+_AGENT = re.compile(r"^(.*?\bby\s+)", re.IGNORECASE)
+
+
+def split_clauses(sentence: str) -> list[str]:
+    """A sentence's atomic clauses, without the joining words and the final punctuation.
+
+    "X is suggested by A as well as B" gives "X is suggested by A" and "X is suggested by B" (the
+    shared "... by" head is repeated); other coordinations are split only at a comma.
+    """
+    clauses = []
+    for clause in _CLAUSE_END.split(sentence.strip().rstrip(".!?;").strip()):
+        parts = _AS_WELL_AS.split(clause)
+        head = _AGENT.match(parts[0])
+        clauses.append(parts[0])
+        clauses += [(head.group(1) if head else "") + part for part in parts[1:]]
+    return [c.strip() for c in clauses if c.strip()]
 
 
 def rules_cues(description: str) -> dict[str, list[str]]:
@@ -157,23 +189,30 @@ def rules_cues(description: str) -> dict[str, list[str]]:
     Sentences (split at . ! ? ;) go to the section opened by the last marker seen: "In/From the
     video/visual/frames" -> visual, "In/From the audio/speech/voice/sound" -> auditory, and a
     concluding opener ("Overall", "Therefore", "In summary", "Based on", ...) -> emotional. The
-    marker itself is removed from the cue. Limits: English markers only; text before the first
-    marker is dropped; sentences are not split further (", and" compounds stay one cue); emotion
-    words inside visual or audio sentences stay there; abbreviations such as "Mr." split sentences;
-    no coreference ("she" stays "she"). Use an LLM backend for anything free-form.
+    marker itself is removed from the cue. A sentence stating an inference ("... is suggested by
+    ...", "most likely", "points to") is emotional, and so is what follows it; one saying a modality
+    is not available is no cue and closes the section. Each sentence is split into clauses
+    (:func:`split_clauses`), each one cue without its final punctuation. Limits: English markers
+    only; text before the first marker is dropped; emotion words inside other visual or audio
+    sentences stay there; abbreviations such as "Mr." split sentences; no coreference ("she" stays
+    "she"). Use an LLM backend for anything free-form.
     """
     cues: dict[str, list[str]] = {axis: [] for axis in AXES}
     section: str | None = None
     for sentence in _SENTENCE_END.split(description.strip()):
+        if _ABSENT_MODALITY.match(sentence):
+            section = None
+            continue
         for axis, pattern in _SECTION_STARTS:
             match = pattern.match(sentence)
             if match:
                 section = axis
                 sentence = sentence[match.end() :]
                 break
-        sentence = sentence.strip().rstrip(";").strip()
-        if section is not None and sentence:
-            cues[section].append(sentence[0].upper() + sentence[1:])
+        if _INFERENCE.search(sentence):
+            section = "emotional"
+        if section is not None:
+            cues[section] += [clause[0].upper() + clause[1:] for clause in split_clauses(sentence)]
     return cues
 
 
