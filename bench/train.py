@@ -167,7 +167,7 @@ def matmul_peak() -> float:
 def main() -> None:
     args = parse_args()
     from data_pipelines import synth
-    from xemogpt_jax import stages
+    from xemogpt_jax import run_config, stages
 
     with tempfile.TemporaryDirectory() as tmp:
         world = Path(args.world) if args.world else Path(tmp) / "world"
@@ -176,7 +176,7 @@ def main() -> None:
         config = stage3_config(world, args.batch_size)
         task = stages.task_for(config)
         local = next(task.train_data(0, 1))
-        model_config = stages.xemogpt_config(config, stages.qwen3_params.load_tokenizer(world / "tokenizer"))
+        model_config = run_config.xemogpt_config(config, stages.qwen3_params.load_tokenizer(world / "tokenizer"))
         tokens = int(np.sum(local["attention_mask"]))
         jax_seconds, flops = ours(config, task, local, args.steps)
         torch_seconds = pytorch(config, model_config, local, args.steps)

@@ -20,7 +20,7 @@ from xemogpt_fixtures import byte_tokenizer
 
 from configs import sft
 from xemogpt_jax import checkpoint as checkpoint_lib
-from xemogpt_jax.explainer import xemogpt_config
+from xemogpt_jax.run_config import xemogpt_config
 from xemogpt_jax.models.xemogpt import XEmoGPT
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared/media"

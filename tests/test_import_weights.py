@@ -14,7 +14,7 @@ from flax import nnx
 from tests.weights_fixtures import (
     build_world, import_args, load_release_module, pixels, release_import, waveforms,
 )
-from xemogpt_jax import sharding
+from xemogpt_jax import run_config, sharding
 from xemogpt_jax.model_checkpoint import restore_model
 from xemogpt_jax.models import xemogpt_params
 from tools import import_weights
@@ -161,7 +161,7 @@ def test_paper_config_file_supplies_bridge_and_lora_settings(world):
     spec = import_weights.build_spec(args)
     assert spec.lora == dict(rank=512, alpha=512.0, dropout=0.05, targets=["q_proj", "k_proj", "v_proj"])
     assert (spec.num_frames, spec.bridge_layers) == (16, 2)
-    assert spec.model_config().llm.hidden_size == 32
+    assert run_config.xemogpt_config(spec.run_config()).llm.hidden_size == 32
     assert spec.sources["llm"] == str(world["llm"].absolute())
 
 

@@ -80,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_num_cpu_devices", math.prod(mesh_shape))
     from flax import nnx
 
-    from xemogpt_jax import optim, sharding, stages, trainer
+    from xemogpt_jax import optim, run_config, sharding, stages, trainer
     from xemogpt_jax.models.xemogpt import XEmoGPT
 
     config = load_config(args.config)
     if config.stage != "sft":
         raise SystemExit(f"aot_check compiles the stage-3 step; {args.config} is stage {config.stage!r}")
     tokenizer = SimpleNamespace(eos_token_id=1, pad_token_id=0)  # only ids are read; no tokenizer files needed
-    model_config = stages.xemogpt_config(config, tokenizer)
+    model_config = run_config.xemogpt_config(config, tokenizer)
     trainable = stages.sft_trainable(config)
     tx = optim.make_optimizer(config.optim, config.train.steps)
     mesh = sharding.make_mesh(mesh_shape)

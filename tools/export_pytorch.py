@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
-from xemogpt_jax import sharding  # noqa: E402
+from xemogpt_jax import run_config, sharding  # noqa: E402
 from xemogpt_jax.model_checkpoint import restore_model  # noqa: E402
 from xemogpt_jax.models import lora as lora_lib  # noqa: E402
 from xemogpt_jax.models import xemogpt_params  # noqa: E402
@@ -93,7 +93,7 @@ def export_xemogpt(model: XEmoGPT, out: Path, dtype: str) -> None:
 
 
 def export_peft(model: XEmoGPT, spec: ModelSpec, out: Path, dtype: str) -> None:
-    lora = spec.lora_config()
+    lora = run_config.lora_config(spec.run_config())
     if lora is None:
         raise ValueError("this checkpoint has no LoRA adapters (lora rank <= 0); nothing to export as peft")
     np_dtype, _ = DTYPES[dtype]

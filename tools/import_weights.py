@@ -15,7 +15,8 @@ source sets keep their initial values (``--seed``); a stacked LLM adapter that a
 only some layers gets zeros in the others (reported as missing slots).
 
 The output is a model checkpoint (:mod:`xemogpt_jax.model_checkpoint`: every parameter plus the
-:class:`ModelSpec` JSON, written through ``checkpoint.Checkpointer``).
+:class:`ModelSpec` JSON, written through ``checkpoint.Checkpointer``): ``infer --checkpoint OUT``
+explains with it, and stage 3 starts from it with ``--config.init_from.model=OUT``.
 LaBSE is not part of the XEmoGPT tree (stage 2 runs it frozen); ``--labse`` is checked and its
 path recorded in ``sources`` for the trainer's ``init_from``.
 """
@@ -37,7 +38,7 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from xemogpt_jax import model_checkpoint, sharding  # noqa: E402
+from xemogpt_jax import model_checkpoint, run_config, sharding  # noqa: E402
 from xemogpt_jax.models import hf_io, xemogpt_params  # noqa: E402
 from xemogpt_jax.models.xemogpt import XEmoGPT  # noqa: E402
 from xemogpt_jax.models.xemogpt_params import ModelSpec  # noqa: E402
@@ -59,10 +60,6 @@ def load_config_file(spec: str) -> Any:
     return module.get_config(variant)
 
 
-def _model_field(config: Any, name: str, default: Any) -> Any:
-    return config.model.get(name, default) if "model" in config else default
-
-
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
     """LoRA settings of a PEFT adapter folder (``adapter_config.json``)."""
     data = json.loads((Path(path) / "adapter_config.json").read_text())
@@ -76,25 +73,16 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
 
 
 def build_spec(args: argparse.Namespace) -> ModelSpec:
+    """Architectures from the HF folders; bridge sizes and LoRA from the config, as training reads them."""
     config = load_config_file(args.config)
-    lora = config.model.get("lora") if "model" in config else None
-    lora_settings = None if lora is None else dict(
-        rank=int(lora.rank), alpha=float(lora.alpha), dropout=float(lora.dropout), targets=list(lora.targets)
-    )
-    if args.adapter:
-        lora_settings = read_adapter_config(args.adapter)
-    text_dim = _model_field(config, "text_dim", 768)
+    lora = read_adapter_config(args.adapter) if args.adapter else run_config.lora_settings(config)
     sources = {k: str(Path(v).absolute()) for k, v in vars(args).items() if k in _SOURCES and v}
     return ModelSpec(
         llm=hf_io.read_config(args.llm),
         vision=xemogpt_params.vision_hf_config(hf_io.read_config(args.clip)),
         hubert=hf_io.read_config(args.hubert),
-        bridge_layers=int(_model_field(config, "bridge_layers", 2)),
-        num_frames=int(_model_field(config, "num_frames", 16)),
-        align_dim=int(_model_field(config, "align_dim", 768)),
-        video_text_dim=int(_model_field(config, "video_text_dim", text_dim)),
-        audio_text_dim=int(_model_field(config, "audio_text_dim", text_dim)),
-        lora=None if lora_settings is None or lora_settings["rank"] <= 0 else lora_settings,
+        **run_config.bridge_settings(config),
+        lora=None if lora is None or lora["rank"] <= 0 else lora,
         sources=sources,
     )
 
@@ -145,7 +133,7 @@ def import_weights(args: argparse.Namespace) -> tuple[ModelSpec, hf_io.LoadRepor
     if args.labse and not (Path(args.labse) / "modules.json").is_file():
         raise FileNotFoundError(f"{args.labse}: no modules.json; expected a sentence-transformers folder")
     spec = build_spec(args)
-    config = spec.model_config()
+    config = run_config.xemogpt_config(spec.run_config())
     mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
 
     def factory() -> XEmoGPT:

@@ -7,11 +7,13 @@ into the text stream) and decoded by :func:`xemogpt_jax.generate.generate`. Shap
 (batch to a power of two, audio to whole seconds, prompts to the config's length buckets) so a
 stream of clips compiles only a handful of programs.
 
-``--checkpoint`` is a trainer workdir (or its ``checkpoints/`` folder): the stored run config
-describes the architecture, the ``state`` item's ``model`` subtree holds the trained parameters.
-Parameters a checkpoint does not hold (the frozen encoders and base LLM of a stage-3 run) come
-from the config's ``init_from`` HF folders, or, when those are empty (random-init runs such as the
-demo), from the run's seed exactly as the trainer initialised them.
+``--checkpoint`` is a trainer workdir (or its ``checkpoints/`` folder) or a model checkpoint of
+``tools/import_weights.py``: the stored config describes the architecture
+(:func:`xemogpt_jax.run_config.xemogpt_config`), the ``state`` item's ``model`` subtree holds the
+trained parameters. Parameters a checkpoint does not hold (the frozen encoders and base LLM of a
+stage-3 run) come from the config's ``init_from`` (an imported model checkpoint, then HF folders),
+or, when that is empty (random-init runs such as the demo), from the run's seed exactly as the
+trainer initialised them.
 """
 
 from __future__ import annotations
@@ -29,12 +31,9 @@ from flax import nnx
 
 from data_pipelines import media, schema
 from xemogpt_jax import checkpoint as checkpoint_lib
-from xemogpt_jax import prompt
+from xemogpt_jax import model_checkpoint, prompt, run_config, sharding
 from xemogpt_jax.generate import GenerationConfig, generate
 from xemogpt_jax.models import clip_params, hf_io, hubert_params, lora as lora_lib, qwen3_params
-from xemogpt_jax.models.clip import CLIPVisionConfig
-from xemogpt_jax.models.hubert import HubertConfig
-from xemogpt_jax.models.qwen3 import Qwen3Config, parse_dtype
 from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig
 from xemogpt_jax.preprocessing import audio as audio_pre
 from xemogpt_jax.preprocessing import image as image_pre
@@ -111,37 +110,6 @@ def clip_from_record(record: dict[str, Any]) -> Clip:
     return Clip(record["clip_id"], frames, audio, record["subtitle"])
 
 
-def xemogpt_config(run: dict[str, Any]) -> XEmoGPTConfig:
-    """The assembled model's config from a stored run config (``configs/sft.py`` fields).
-
-    A non-empty ``init_from`` folder's ``config.json`` wins over the architecture fields, as in training.
-    """
-    model, init = run["model"], run.get("init_from", {})
-    lora = model.get("lora") or {}
-    lora_config = None
-    if lora.get("rank", 0) > 0:
-        lora_config = lora_lib.LoraConfig(
-            rank=lora["rank"], alpha=lora["alpha"], dropout=0.0, targets=tuple(lora["targets"])
-        )
-    dtype = parse_dtype(run.get("dtype", "float32"))
-    llm_hf = hf_io.read_config(init["llm"]) if init.get("llm") else model["llm"]
-    clip_hf = hf_io.read_config(init["clip"]) if init.get("clip") else model["clip"]
-    hubert_hf = hf_io.read_config(init["hubert"]) if init.get("hubert") else model["hubert"]
-    vision_hf = clip_hf.get("vision_config", clip_hf)
-    data = run.get("data", {})
-    return XEmoGPTConfig(
-        vision=CLIPVisionConfig.from_hf(vision_hf),
-        hubert=HubertConfig.from_hf(hubert_hf, dtype=dtype),
-        llm=Qwen3Config.from_hf(llm_hf, dtype=dtype, lora=lora_config),
-        vecb_layers=model.get("bridge_layers", 2),
-        aecb_layers=model.get("bridge_layers", 2),
-        num_frames=model.get("num_frames", prompt.NUM_VIDEO_TOKENS),
-        max_audio_samples=int(data.get("max_audio_seconds", audio_pre.MAX_SECONDS) * audio_pre.SAMPLING_RATE),
-        max_context=data.get("max_context", prompt.MAX_CONTEXT),
-        dtype=dtype,
-    )
-
-
 def checkpoint_directory(path: str | Path) -> Path:
     """A trainer workdir or its ``checkpoints/`` folder -> the folder the Orbax manager owns."""
     path = Path(path)
@@ -151,7 +119,10 @@ def checkpoint_directory(path: str | Path) -> Path:
 
 
 def _load_frozen_parts(model: XEmoGPT, init: dict[str, Any]) -> None:
-    """Fill encoders / base LLM from the run's ``init_from`` HF folders (those it names)."""
+    """Fill encoders / base LLM from the run's ``init_from`` model checkpoint and HF folders (those it names)."""
+    if init.get("model"):
+        one_device = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+        model_checkpoint.copy_weights(model, init["model"], one_device)
     parts = (
         ("clip", model.vision_tower, clip_params.vision_key_map),
         ("hubert", model.audio_tower, hubert_params.hubert_key_map()),
@@ -326,16 +297,16 @@ class Explainer:
 def load(checkpoint: str | Path, *, tokenizer: str | Path | None = None, step: int | None = None) -> Explainer:
     """Build the model a checkpoint describes, fill its weights, fold LoRA in, and pick up the tokenizer."""
     directory = checkpoint_directory(checkpoint)
-    run = checkpoint_lib.restore_config(directory, step)
-    config = xemogpt_config(run)
-    model = XEmoGPT(config, rngs=nnx.Rngs(run.get("seed", 0)))
+    run = run_config.resolve(checkpoint_lib.restore_config(directory, step))
+    text_tokenizer = qwen3_params.load_tokenizer(_tokenizer_folder(directory, run, tokenizer))
+    model = XEmoGPT(run_config.xemogpt_config(run, text_tokenizer), rngs=nnx.Rngs(run.get("seed", 0)))
     init = run.get("init_from", {})
     _load_frozen_parts(model, init)
     trained = jax.tree.map(jnp.asarray, checkpoint_lib.restore_state_numpy(directory, step)["model"])
     nnx.replace_by_pure_dict(state := nnx.state(model), trained)
     nnx.update(model, state)
-    if not any(init.get(k) for k in ("clip", "hubert", "llm")):
+    if not any(init.get(k) for k in ("model", "clip", "hubert", "llm")):
         logging.info("%s: weights not in the checkpoint come from the run's seed (random-init run)", directory)
     lora_lib.merge_lora(model)
     buckets = run.get("data", {}).get("length_buckets", prompt.DEFAULT_BUCKETS)
-    return Explainer(model, qwen3_params.load_tokenizer(_tokenizer_folder(directory, run, tokenizer)), buckets=buckets)
+    return Explainer(model, text_tokenizer, buckets=buckets)

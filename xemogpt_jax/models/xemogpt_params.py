@@ -25,12 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from xemogpt_jax.models import clip_params, hubert_params, qwen3_params
-from xemogpt_jax.models.clip import CLIPVisionConfig
 from xemogpt_jax.models.hf_io import StatePath, Target
-from xemogpt_jax.models.hubert import HubertConfig
-from xemogpt_jax.models.lora import LoraConfig
-from xemogpt_jax.models.qwen3 import Qwen3Config
-from xemogpt_jax.models.xemogpt import XEmoGPTConfig
 
 LLM = "llm_model.base_model.model."
 CLIP = "visual_encoder.clip."
@@ -253,12 +248,7 @@ def to_peft_name(release: str) -> str:
 
 # ---------------------------------------------------------------- config
 
-
-def lora_from_settings(rank: int, alpha: float, dropout: float, targets: tuple[str, ...]) -> LoraConfig | None:
-    """The LLM adaptation of the spec: rank > 0 LoRA; 0 frozen and < 0 full fine-tuning both carry no adapters."""
-    if rank <= 0:
-        return None
-    return LoraConfig(rank=int(rank), alpha=float(alpha), dropout=float(dropout), targets=tuple(targets))
+SPEC_FORMAT = "xemogpt-model"
 
 
 def vision_hf_config(clip_config: dict[str, Any]) -> dict[str, Any]:
@@ -286,28 +276,29 @@ class ModelSpec:
     lora: dict[str, Any] | None = None
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def lora_config(self) -> LoraConfig | None:
-        return None if self.lora is None else lora_from_settings(**self.lora)
+    def run_config(self) -> dict[str, Any]:
+        """The spec as run-config fields (``configs/sft.py`` names), for :func:`xemogpt_jax.run_config.xemogpt_config`.
 
-    def model_config(self) -> XEmoGPTConfig:
-        return XEmoGPTConfig(
-            vision=CLIPVisionConfig.from_hf(self.vision),
-            hubert=HubertConfig.from_hf(self.hubert),
-            llm=Qwen3Config.from_hf(self.llm, lora=self.lora_config()),
-            vecb_layers=self.bridge_layers,
-            aecb_layers=self.bridge_layers,
-            num_frames=self.num_frames,
-            align_dim=self.align_dim,
-            video_text_dim=self.video_text_dim,
-            audio_text_dim=self.audio_text_dim,
-        )
+        The source LLM folder is named as the tokenizer folder (HF LLM folders carry their tokenizer).
+        """
+        model = {
+            "llm": self.llm, "clip": self.vision, "hubert": self.hubert, "lora": self.lora,
+            "bridge_layers": self.bridge_layers, "num_frames": self.num_frames, "align_dim": self.align_dim,
+            "video_text_dim": self.video_text_dim, "audio_text_dim": self.audio_text_dim,
+        }
+        return {"dtype": "float32", "model": model, "init_from": {"tokenizer": self.sources.get("llm", "")}}
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": "xemogpt-model", **dataclasses.asdict(self)}
+        return {"format": SPEC_FORMAT, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def describes(data: dict[str, Any]) -> bool:
+        """Whether a checkpoint's stored config is a model spec (else it is a trainer run config)."""
+        return data.get("format") == SPEC_FORMAT
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelSpec:
-        if data.get("format") != "xemogpt-model":
+        if not cls.describes(data):
             raise ValueError(f"not an XEmoGPT model checkpoint config (format={data.get('format')!r})")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})

@@ -1,0 +1,123 @@
+"""The one place a run config becomes an :class:`XEmoGPTConfig`.
+
+A run config is ``configs/sft.py`` (a ConfigDict) or its JSON as stored beside every checkpoint.
+Training (:mod:`xemogpt_jax.stages`), inference (:mod:`xemogpt_jax.explainer`) and the model
+checkpoints of ``tools/import_weights.py`` (whose :class:`ModelSpec` reads as a run config) all
+build the assembled model here, so a checkpoint always rebuilds the model that wrote it.
+Architecture precedence: ``init_from.model`` (an imported model checkpoint: its encoders, LLM and
+bridge sizes; LoRA stays the run's), then a non-empty ``init_from`` HF folder's ``config.json``,
+then the config's own ``model.*`` fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from xemogpt_jax import checkpoint, prompt
+from xemogpt_jax.models import bridges, hf_io
+from xemogpt_jax.models.clip import CLIPVisionConfig
+from xemogpt_jax.models.hubert import HubertConfig
+from xemogpt_jax.models.lora import LoraConfig
+from xemogpt_jax.models.qwen3 import Qwen3Config, parse_dtype
+from xemogpt_jax.models.xemogpt import XEmoGPTConfig
+from xemogpt_jax.models.xemogpt_params import ModelSpec
+from xemogpt_jax.preprocessing import audio as audio_pre
+
+RunConfig = Mapping[str, Any] | ml_collections.ConfigDict
+# Architecture parts and the ``init_from`` folder that overrides each.
+PARTS = ("llm", "clip", "hubert")
+BRIDGE_FIELDS = ("bridge_layers", "num_frames", "align_dim", "video_text_dim", "audio_text_dim")
+
+
+def as_dict(run: RunConfig) -> dict[str, Any]:
+    return run.to_dict() if isinstance(run, ml_collections.ConfigDict) else dict(run)
+
+
+def resolve(run: RunConfig) -> dict[str, Any]:
+    """A stored checkpoint config (run config or model spec) as a run config with ``init_from.model`` applied."""
+    run = as_dict(run)
+    if ModelSpec.describes(run):
+        return ModelSpec.from_json(run).run_config()
+    folder = run.get("init_from", {}).get("model")
+    if not folder:
+        return run
+    imported = ModelSpec.from_json(checkpoint.restore_config(folder)).run_config()["model"]
+    fields = (*PARTS, *BRIDGE_FIELDS)
+    return {**run, "model": {**run.get("model", {}), **{k: imported[k] for k in fields}}}
+
+
+def architecture(run: RunConfig, part: str) -> dict[str, Any]:
+    """HF ``config.json`` fields of ``part``: the ``init_from`` folder's when given, else ``model.<part>``.
+
+    Serves every stage (``clip``, ``hubert``, ``text_encoder``, ``llm``); ``init_from.model`` is
+    applied by :func:`resolve`, not here.
+    """
+    run = as_dict(run)
+    folder = run.get("init_from", {}).get(part)
+    return hf_io.read_config(folder) if folder else dict(run["model"][part])
+
+
+def lora_settings(run: RunConfig) -> dict[str, Any] | None:
+    """``model.lora`` as plain values; ``None`` when the run adapts no LoRA (rank 0 frozen, < 0 full fine-tuning)."""
+    lora = as_dict(run).get("model", {}).get("lora")
+    if not lora or int(lora["rank"]) <= 0:
+        return None
+    return dict(rank=int(lora["rank"]), alpha=float(lora["alpha"]), dropout=float(lora.get("dropout", 0.0)),
+                targets=list(lora["targets"]))
+
+
+def lora_config(run: RunConfig) -> LoraConfig | None:
+    settings = lora_settings(run)
+    return None if settings is None else LoraConfig(**{**settings, "targets": tuple(settings["targets"])})
+
+
+def bridge_settings(run: RunConfig) -> dict[str, int]:
+    """Bridge depth, frame count and the stage 1-2 head widths (defaults: the paper's; ``text_dim`` sets both)."""
+    model = as_dict(run).get("model", {})
+    text_dim = model.get("text_dim", 768)
+    return dict(
+        bridge_layers=int(model.get("bridge_layers", 2)),
+        num_frames=int(model.get("num_frames", prompt.NUM_VIDEO_TOKENS)),
+        align_dim=int(model.get("align_dim", bridges.ALIGN_DIM)),
+        video_text_dim=int(model.get("video_text_dim", text_dim)),
+        audio_text_dim=int(model.get("audio_text_dim", text_dim)),
+    )
+
+
+def xemogpt_config(run: RunConfig, tokenizer: Any = None) -> XEmoGPTConfig:
+    """The assembled model of a run config.
+
+    With ``tokenizer``, EOS/pad ids that the LLM's config leaves unset (a random-init LLM's
+    architecture fields name none) are the tokenizer's.
+    """
+    run = resolve(run)
+    dtype = parse_dtype(run.get("dtype", "float32"))
+    model, data = run.get("model", {}), run.get("data", {})
+    llm = Qwen3Config.from_hf(
+        architecture(run, "llm"), dtype=dtype, remat=bool(model.get("remat", False)), lora=lora_config(run)
+    )
+    if tokenizer is not None:
+        llm = llm.replace(
+            eos_token_id=tokenizer.eos_token_id if llm.eos_token_id is None else llm.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if llm.pad_token_id is None else llm.pad_token_id,
+        )
+    clip = architecture(run, "clip")
+    bridge = bridge_settings(run)
+    return XEmoGPTConfig(
+        vision=CLIPVisionConfig.from_hf(clip.get("vision_config") or clip),
+        hubert=HubertConfig.from_hf(architecture(run, "hubert"), dtype=dtype),
+        llm=llm,
+        vecb_layers=bridge["bridge_layers"],
+        aecb_layers=bridge["bridge_layers"],
+        num_frames=bridge["num_frames"],
+        align_dim=bridge["align_dim"],
+        video_text_dim=bridge["video_text_dim"],
+        audio_text_dim=bridge["audio_text_dim"],
+        max_audio_samples=int(data.get("max_audio_seconds", audio_pre.MAX_SECONDS) * audio_pre.SAMPLING_RATE),
+        max_context=int(data.get("max_context", prompt.MAX_CONTEXT)),
+        dtype=dtype,
+        train_encoders=bool(model.get("train_encoders", False)),
+    )
