@@ -32,6 +32,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     variant = common.check_variant(variant)
     c = common.base_config("sft")
     c.variant = variant
+    c.init_from.model = ""  # model checkpoint of tools/import_weights.py (every weight; its LoRA folded in)
     c.init_from.llm = ""  # HF folder of Qwen/Qwen3-4B (or Qwen2.5-7B-Instruct)
     c.init_from.clip = ""
     c.init_from.hubert = ""
@@ -45,6 +46,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.hubert = align_audio.hubert_architecture(variant)
     c.model.bridge_layers = 2
     c.model.num_frames = 16
+    # Widths of the bridges' stage 1-2 heads (unused here; they must match the checkpoints of init_from.*_bridge).
+    video, audio = align_video.get_config(variant).model, align_audio.get_config(variant).model
+    c.model.align_dim = video.align_dim  # one width for both bridges' heads
+    c.model.video_text_dim = video.clip.projection_dim
+    c.model.audio_text_dim = audio.text_dim
     c.model.remat = True  # rematerialise LLM layers in the backward pass
     c.model.lora = ml_collections.ConfigDict(dict(rank=512, alpha=512.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))
     c.model.train_bridges = True  # False: bridges frozen in stage 3

@@ -24,22 +24,17 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from data_pipelines import pipelines
-from xemogpt_jax import checkpoint, losses, prompt, sharding
-from xemogpt_jax.models import bridges, clip_params, hf_io, hubert_params, lora as lora_lib, qwen3_params
+from xemogpt_jax import checkpoint, losses, model_checkpoint, prompt, run_config, sharding
+from xemogpt_jax.models import bridges, clip_params, hubert_params, lora as lora_lib, qwen3_params
 from xemogpt_jax.models.bert import BertConfig, BertModel
 from xemogpt_jax.models.clip import CLIPConfig, CLIPModel
 from xemogpt_jax.models.hubert import HubertConfig, HubertModel
-from xemogpt_jax.models.qwen3 import Qwen3Config, parse_dtype
+from xemogpt_jax.models.qwen3 import parse_dtype
 from xemogpt_jax.models.sentence_encoder import Dense, SentenceEncoder, SentencePipeline
-from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig
+from xemogpt_jax.models.xemogpt import XEmoGPT
 from xemogpt_jax.trainer import Task
 
 LOGIT_SCALE = "align_logit_scale"
-
-
-def _architecture(folder: str, fallback: ml_collections.ConfigDict) -> dict[str, Any]:
-    """A pretrained folder's config.json when given, else the config's own architecture fields."""
-    return hf_io.read_config(folder) if folder else fallback.to_dict()
 
 
 def _copy_into(target: nnx.Module, source: nnx.Module, mesh: Mesh) -> None:
@@ -103,8 +98,7 @@ def video_align_loss(loss_config: ml_collections.ConfigDict):
 
 
 def align_video_task(config: ml_collections.ConfigDict) -> Task:
-    arch = _architecture(config.init_from.clip, config.model.clip)
-    clip_config = CLIPConfig.from_hf(arch)
+    clip_config = CLIPConfig.from_hf(run_config.architecture(config, "clip"))
     vecb_config = bridges.VECBConfig(
         encoder=clip_config.vision, num_layers=config.model.bridge_layers, num_frames=config.model.num_frames,
         align_dim=config.model.align_dim, text_dim=clip_config.projection_dim,
@@ -174,11 +168,9 @@ def audio_align_loss(loss_config: ml_collections.ConfigDict):
 
 def align_audio_task(config: ml_collections.ConfigDict) -> Task:
     dtype = parse_dtype(config.dtype)
-    hubert_config = HubertConfig.from_hf(_architecture(config.init_from.hubert, config.model.hubert), dtype=dtype)
+    hubert_config = HubertConfig.from_hf(run_config.architecture(config, "hubert"), dtype=dtype)
     text_folder = config.init_from.text_encoder
-    bert_config = BertConfig.from_hf(
-        _architecture(str(Path(text_folder)) if text_folder else "", config.model.text_encoder)
-    )
+    bert_config = BertConfig.from_hf(run_config.architecture(config, "text_encoder"))
     aecb_config = bridges.AECBConfig(
         encoder=hubert_config, num_layers=config.model.bridge_layers, align_dim=config.model.align_dim,
         text_dim=config.model.text_dim,
@@ -224,14 +216,6 @@ def bridge_layers(path: tuple[Any, ...], value: Any) -> bool:
     )
 
 
-def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
-    """``rank > 0``: LoRA; ``rank == 0``: LLM frozen; ``rank < 0``: full fine-tuning (no adapters)."""
-    lora = config.model.lora
-    if lora.rank <= 0:
-        return None
-    return lora_lib.LoraConfig(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets))
-
-
 def sft_trainable(config: ml_collections.ConfigDict) -> Any:
     parts = [nnx.PathContains(name) for name in PROJECTIONS]
     if config.model.train_bridges:
@@ -241,23 +225,6 @@ def sft_trainable(config: ml_collections.ConfigDict) -> Any:
     elif config.model.lora.rank < 0:
         parts.append(nnx.PathContains("llm"))
     return nnx.All(nnx.Param, nnx.Any(*parts))
-
-
-def xemogpt_config(config: ml_collections.ConfigDict, tokenizer: Any) -> XEmoGPTConfig:
-    dtype = parse_dtype(config.dtype)
-    llm_arch = _architecture(config.init_from.llm, config.model.llm)
-    llm = Qwen3Config.from_hf(llm_arch, dtype=dtype, remat=config.model.remat, lora=lora_config(config))
-    if not config.init_from.llm:
-        llm = llm.replace(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision_arch = _architecture(config.init_from.clip, config.model.clip)
-    vision = CLIPConfig.from_hf(vision_arch).vision
-    hubert = HubertConfig.from_hf(_architecture(config.init_from.hubert, config.model.hubert), dtype=dtype)
-    return XEmoGPTConfig(
-        vision=vision, hubert=hubert, llm=llm, vecb_layers=config.model.bridge_layers,
-        aecb_layers=config.model.bridge_layers, num_frames=config.model.num_frames,
-        max_audio_samples=int(config.data.max_audio_seconds * 16_000), max_context=config.data.max_context,
-        dtype=dtype,
-    )
 
 
 def sft_loss(model: XEmoGPT, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
@@ -276,7 +243,7 @@ def bridge_from_checkpoint(workdir: str, name: str) -> dict[str, Any]:
 
 def sft_task(config: ml_collections.ConfigDict) -> Task:
     tokenizer = qwen3_params.load_tokenizer(config.init_from.tokenizer or config.init_from.llm)
-    model_config = xemogpt_config(config, tokenizer)
+    model_config = run_config.xemogpt_config(config, tokenizer)
     max_samples = model_config.max_audio_samples
 
     def data(records_dir: str, batch_size: int, shuffle: bool):
@@ -291,6 +258,8 @@ def sft_task(config: ml_collections.ConfigDict) -> Task:
 
     def load_pretrained(model: XEmoGPT, mesh: Mesh) -> None:
         dtype = model_config.dtype
+        if config.init_from.get("model"):
+            model_checkpoint.copy_weights(model, config.init_from.model, mesh)
         if config.init_from.clip:
             loaded, _ = clip_params.load_clip_vision(config.init_from.clip, mesh=mesh, dtype=dtype)
             _copy_into(model.vision_tower, loaded, mesh)
