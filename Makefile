@@ -28,8 +28,14 @@ demo: install
 test: install chromium
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Every benchmark in bench/, one after another, at its default (small) settings.
+BENCHMARKS := llm data train infer emocue360
+
 bench: install
-	$(BIN)/python -m bench.llm
+	@set -e; for name in $(BENCHMARKS); do \
+	  echo "== bench/$$name.py"; \
+	  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m bench.$$name; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info
