@@ -1,7 +1,10 @@
 """Stage 2: AECB pretraining (L_caa) with HuBERT and LaBSE frozen.
 
 ``--config=configs/align_audio.py`` is paper scale (chinese-hubert-large, first 12 s, LaBSE);
-``--config=configs/align_audio.py:tiny`` fits a 2-core CPU.
+``--config=configs/align_audio.py:tiny`` fits a 2-core CPU. Its HuBERT and sentence encoder are
+random-init and so are trained here (``model.train_encoders``): frozen, they give nearly the same
+vector for every clip and caption, and the contrastive loss stays at ln(B). The paper variant keeps
+both frozen.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.bridge_layers = 2
     c.model.align_dim = 768
     c.model.text_dim = 768
+    c.model.train_encoders = False  # the paper freezes HuBERT and LaBSE; True trains them too (tiny only)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.tau_init = 0.07  # [reconstructed]
@@ -69,6 +73,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         common.tiny_overrides(c)
         c.model.align_dim = 32
         c.model.text_dim = 32
+        c.model.train_encoders = True
         c.data.max_audio_seconds = 3.0
         c.train.steps = 150
     return c

@@ -1,7 +1,11 @@
 """Stage 1: VECB pretraining (L_cva + l1 L_ftd + l2 L_mfm) with CLIP frozen.
 
 ``--config=configs/align_video.py`` is paper scale (CLIP ViT-L/14 @224, 16 frames);
-``--config=configs/align_video.py:tiny`` fits a 2-core CPU.
+``--config=configs/align_video.py:tiny`` fits a 2-core CPU. Its CLIP towers are random-init (no
+weights may be downloaded) and so are trained here (``model.train_encoders``): frozen, a random ViT's
+per-frame CLS is nearly the same vector for every clip (near-uniform attention averages the patches,
+so mouth, brows and eyes, a few pixels each, vanish) and the contrastive loss cannot move off ln(B).
+The paper variant keeps CLIP frozen.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.num_frames = 16
     c.model.bridge_layers = 2
     c.model.align_dim = 768
+    c.model.train_encoders = False  # the paper freezes CLIP; True trains both towers too (tiny only)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.tau_init = 0.07  # CLIP's initial temperature; learnable through a log-scale parameter [reconstructed]
@@ -54,5 +59,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         common.tiny_overrides(c)
         c.model.align_dim = 32
         c.model.num_frames = 16
+        c.model.train_encoders = True
         c.train.steps = 150
     return c

@@ -3,7 +3,9 @@
 Trains LoRA on q/k/v of the LLM, the video and audio projections, and the bridges under the
 modality rule (VECB learns from video and audio+video samples, AECB from audio and audio+video).
 ``--config=configs/sft.py`` is paper scale (Qwen3-4B, LoRA r=512/alpha=512, 16 frames, 12 s,
-context 2048); ``--config=configs/sft.py:tiny`` fits a 2-core CPU.
+context 2048); ``--config=configs/sft.py:tiny`` fits a 2-core CPU. There the random-init CLIP vision and HuBERT towers
+train too (``model.train_encoders``), starting from the stage 1-2 checkpoints that trained them (see
+``configs/align_video.py``); the paper variant keeps them frozen.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.remat = True  # rematerialise LLM layers in the backward pass
     c.model.lora = ml_collections.ConfigDict(dict(rank=512, alpha=512.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))
     c.model.train_bridges = True  # False: bridges frozen in stage 3
+    c.model.train_encoders = False  # True: CLIP vision + HuBERT train too, from stages 1-2 (tiny only)
 
     c.data.max_audio_seconds = 12.0
     c.data.max_context = 2048
@@ -69,6 +72,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.model.remat = False
         # The tiny LLM is random-init (no pretrained base to adapt), so it is fully fine-tuned: rank -1.
         c.model.lora = ml_collections.ConfigDict(dict(rank=-1, alpha=16.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj")))
+        c.model.train_encoders = True
         c.data.max_audio_seconds = 3.0
         c.data.max_context = 512
         c.data.length_buckets = (384, 512, 640, 768)

@@ -71,15 +71,37 @@ def test_stage_step_on_8_devices_matches_one_device(world, devices, module, over
         np.testing.assert_allclose(flat_8[path], value, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
-def test_stage3_trains_only_adapters_projections_and_bridge_layers(world):
-    config = _config(sft, world, **{"model.lora.rank": 8})
-    task = stages.task_for(config)
+def _trained_names(task):
     model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
-    names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, task.trainable)))}
+    pure = nnx.to_pure_dict(nnx.state(model, task.trainable))
+    return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(pure)}
+
+
+@pytest.mark.parametrize("train_encoders", [False, True])
+def test_stage3_trains_only_adapters_projections_and_bridge_layers(world, train_encoders):
+    config = _config(sft, world, **{"model.lora.rank": 8, "model.train_encoders": train_encoders})
+    names = _trained_names(stages.task_for(config))
     assert any("lora_a" in n for n in names) and any("visual_llm_project" in n for n in names)
     assert any("visual_alignment_layer" in n for n in names) and any("audio_alignment_layer" in n for n in names)
-    for frozen in ("vision_tower", "audio_tower", "embed_tokens", "temporal_disc_head", "frame_reconstructor"):
+    for frozen in ("embed_tokens", "temporal_disc_head", "frame_reconstructor"):
         assert not any(frozen in n for n in names), frozen
+    for tower in ("vision_tower", "audio_tower"):
+        assert any(n.startswith(f"['{tower}']") for n in names) == train_encoders, tower
+
+
+@pytest.mark.parametrize(
+    "module, towers",
+    [
+        (align_video, ("['clip']['vision_model']", "['clip']['text_model']")),
+        (align_audio, ("['hubert']", "['text_encoder']")),
+    ],
+    ids=["stage1", "stage2"],
+)
+def test_bridge_stages_train_their_towers_only_when_asked(world, module, towers):
+    for train_encoders in (False, True):
+        names = _trained_names(stages.task_for(_config(module, world, **{"model.train_encoders": train_encoders})))
+        for tower in towers:
+            assert any(n.startswith(tower) for n in names) == train_encoders, (tower, train_encoders)
 
 
 def test_frame_temporal_discrimination_is_learnable():

@@ -9,6 +9,12 @@
 
 Bridge modules carry the same names (``vecb``, ``aecb``) in every stage, so stage 3 initialises them
 from the stage 1-2 checkpoints by path.
+
+``model.train_encoders`` (False at paper scale; True in the tiny stage 1-2 configs, whose random-init
+towers cannot see anything while frozen) makes the towers trainable as well: CLIP's vision and text
+towers in stage 1, HuBERT and the sentence encoder in stage 2, the vision and audio towers in stage 3.
+A stage 1-2 checkpoint that holds its trained tower gives it to stage 3 (``init_from.video_bridge`` /
+``audio_bridge``; it replaces ``init_from.clip`` / ``hubert`` weights).
 """
 
 from __future__ import annotations
@@ -71,17 +77,24 @@ class VideoAlignModel(nnx.Module):
         setattr(self, LOGIT_SCALE, nnx.Param(losses.init_logit_scale(tau_init)))
 
     def clip_features(self, pixel_values: jax.Array) -> jax.Array:
-        """``[B, F, S, S, 3]`` -> per-frame CLS before the post-layernorm ``[B, F, D]`` (frozen)."""
+        """``[B, F, S, S, 3]`` -> per-frame CLS before the post-layernorm ``[B, F, D]``."""
         batch, frames = pixel_values.shape[:2]
         cls = self.clip.vision_model(pixel_values.reshape(batch * frames, *pixel_values.shape[2:])).cls_token
-        return jax.lax.stop_gradient(cls.reshape(batch, frames, -1))
+        return cls.reshape(batch, frames, -1)
 
 
-def video_align_loss(loss_config: ml_collections.ConfigDict):
+def encoder_output(train_encoders: bool):
+    """Identity for trained towers, ``stop_gradient`` for frozen ones."""
+    return (lambda x: x) if train_encoders else jax.lax.stop_gradient
+
+
+def video_align_loss(loss_config: ml_collections.ConfigDict, train_encoders: bool = False):
+    encoded = encoder_output(train_encoders)
+
     def loss_fn(model: VideoAlignModel, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
-        cls = model.clip_features(batch["pixel_values"])
+        cls = encoded(model.clip_features(batch["pixel_values"]))
         batch_size, frames = cls.shape[:2]
-        text = jax.lax.stop_gradient(model.clip.get_text_features(batch["text_ids"], batch["text_mask"]))
+        text = encoded(model.clip.get_text_features(batch["text_ids"], batch["text_mask"]))
         video = model.vecb.video_embedding(model.vecb(cls))
         scale = getattr(model, LOGIT_SCALE)[...]
         cva = losses.info_nce(video, model.vecb.text_embedding(text), scale, loss_config.max_logit_scale)
@@ -90,11 +103,18 @@ def video_align_loss(loss_config: ml_collections.ConfigDict):
         shuffled = model.vecb.video_embedding(model.vecb(cls, frame_order=order))
         ftd = losses.frame_temporal_discrimination(model.vecb.temporal_logit(video), model.vecb.temporal_logit(shuffled))
         mask = losses.sample_frame_mask(mask_key, (batch_size, frames), loss_config.mask_ratio)
-        mfm = losses.masked_frame_modeling(model.vecb.reconstruct(model.vecb(cls, masked_frames=mask)), cls, mask)
+        target = jax.lax.stop_gradient(cls)  # a trained tower must not collapse its features to ease MFM
+        mfm = losses.masked_frame_modeling(model.vecb.reconstruct(model.vecb(cls, masked_frames=mask)), target, mask)
         total = losses.stage1_total(cva, ftd, mfm, loss_config.ftd_weight, loss_config.mfm_weight)
         return total, {"cva": cva, "ftd": ftd, "mfm": mfm, "temperature": jnp.exp(-scale)}
 
     return loss_fn
+
+
+def _trained_paths(config: ml_collections.ConfigDict, always: tuple[str, ...], encoders: tuple[str, ...]) -> list:
+    """Path filters of the trained modules; the encoders join them when ``model.train_encoders``."""
+    names = always + (encoders if config.model.get("train_encoders", False) else ())
+    return [nnx.PathContains(name) for name in names]
 
 
 def align_video_task(config: ml_collections.ConfigDict) -> Task:
@@ -122,8 +142,8 @@ def align_video_task(config: ml_collections.ConfigDict) -> Task:
 
     return Task(
         build_model=lambda rngs: VideoAlignModel(clip_config, vecb_config, config.loss.tau_init, rngs=rngs, dtype=dtype),
-        trainable=nnx.All(nnx.Param, nnx.Any(nnx.PathContains("vecb"), nnx.PathContains(LOGIT_SCALE))),
-        loss=video_align_loss(config.loss),
+        trainable=nnx.All(nnx.Param, nnx.Any(*_trained_paths(config, ("vecb", LOGIT_SCALE), ("clip",)))),
+        loss=video_align_loss(config.loss, config.model.get("train_encoders", False)),
         train_data=data(config.data.train_dir, config.data.batch_size, True),
         eval_data=data(config.data.eval_dir, config.data.eval_batch_size, False) if config.data.eval_dir else None,
         load_pretrained=load_pretrained,
@@ -151,13 +171,15 @@ class AudioAlignModel(nnx.Module):
         setattr(self, LOGIT_SCALE, nnx.Param(losses.init_logit_scale(tau_init)))
 
 
-def audio_align_loss(loss_config: ml_collections.ConfigDict):
+def audio_align_loss(loss_config: ml_collections.ConfigDict, train_encoders: bool = False):
+    encoded = encoder_output(train_encoders)
+
     def loss_fn(model: AudioAlignModel, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
         del key  # stage 2 is deterministic
         hidden, frame_mask = model.hubert(batch["input_values"], batch["audio_mask"])
-        hidden = jax.lax.stop_gradient(jnp.where(frame_mask[..., None], hidden, jnp.zeros((), hidden.dtype)))
+        hidden = encoded(jnp.where(frame_mask[..., None], hidden, jnp.zeros((), hidden.dtype)))
         text_ids, text_mask = batch["text_ids"], batch["text_mask"]
-        text = jax.lax.stop_gradient(model.text_encoder(text_ids, text_mask, jnp.zeros_like(text_ids)))
+        text = encoded(model.text_encoder(text_ids, text_mask, jnp.zeros_like(text_ids)))
         audio = model.aecb.audio_embedding(model.aecb(hidden, frame_mask), frame_mask)
         scale = getattr(model, LOGIT_SCALE)[...]
         caa = losses.info_nce(audio, model.aecb.text_embedding(text), scale, loss_config.max_logit_scale)
@@ -194,8 +216,10 @@ def align_audio_task(config: ml_collections.ConfigDict) -> Task:
 
     return Task(
         build_model=lambda rngs: AudioAlignModel(hubert_config, bert_config, aecb_config, config.loss.tau_init, rngs=rngs),
-        trainable=nnx.All(nnx.Param, nnx.Any(nnx.PathContains("aecb"), nnx.PathContains(LOGIT_SCALE))),
-        loss=audio_align_loss(config.loss),
+        trainable=nnx.All(
+            nnx.Param, nnx.Any(*_trained_paths(config, ("aecb", LOGIT_SCALE), ("hubert", "text_encoder")))
+        ),
+        loss=audio_align_loss(config.loss, config.model.get("train_encoders", False)),
         train_data=data(config.data.train_dir, config.data.batch_size, True),
         eval_data=data(config.data.eval_dir, config.data.eval_batch_size, False) if config.data.eval_dir else None,
         load_pretrained=load_pretrained,
@@ -207,6 +231,9 @@ def align_audio_task(config: ml_collections.ConfigDict) -> Task:
 # Parts of the bridges that stage 3 trains (their stage 1-2 heads get no gradient there).
 BRIDGE_PARTS = {"vecb": ("position_embedding", "visual_alignment_layer"), "aecb": ("audio_alignment_layer",)}
 PROJECTIONS = ("visual_llm_project", "audio_llm_project")
+ENCODERS = ("vision_tower", "audio_tower")
+# Where the stage 1-2 models keep stage 3's towers (carried over when ``model.train_encoders``).
+TOWERS_IN_STAGES = {"vision_tower": ("clip", "vision_model"), "audio_tower": ("hubert",)}
 
 
 def bridge_layers(path: tuple[Any, ...], value: Any) -> bool:
@@ -217,7 +244,7 @@ def bridge_layers(path: tuple[Any, ...], value: Any) -> bool:
 
 
 def sft_trainable(config: ml_collections.ConfigDict) -> Any:
-    parts = [nnx.PathContains(name) for name in PROJECTIONS]
+    parts = _trained_paths(config, PROJECTIONS, ENCODERS)
     if config.model.train_bridges:
         parts.append(bridge_layers)
     if config.model.lora.rank > 0:
@@ -236,9 +263,13 @@ def sft_loss(model: XEmoGPT, batch: dict, key: jax.Array) -> tuple[jax.Array, di
     return loss, {"target_tokens": jnp.sum(batch["labels"] != prompt.IGNORE_INDEX)}
 
 
-def bridge_from_checkpoint(workdir: str, name: str) -> dict[str, Any]:
-    """The ``model/<name>`` parameters of the latest checkpoint in a stage 1-2 workdir, as numpy."""
-    return checkpoint.restore_state_numpy(Path(workdir) / "checkpoints")["model"][name]
+def _nested(tree: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
+    """``tree[path[0]][path[1]]...``, or None where a key is missing."""
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
 
 
 def sft_task(config: ml_collections.ConfigDict) -> Task:
@@ -271,12 +302,23 @@ def sft_task(config: ml_collections.ConfigDict) -> Task:
                 config.init_from.llm, mesh=mesh, dtype=dtype, remat=config.model.remat, lora=model_config.llm.lora
             )
             _copy_into(model.llm, loaded, mesh)
-        for workdir, name in ((config.init_from.video_bridge, "vecb"), (config.init_from.audio_bridge, "aecb")):
-            if workdir:
-                bridge = getattr(model, name)
-                state = nnx.state(bridge)
-                nnx.replace_by_pure_dict(state, bridge_from_checkpoint(workdir, name))
-                nnx.update(bridge, jax.device_put(state, sharding.state_shardings(state, mesh)))
+        stages = (
+            (config.init_from.video_bridge, "vecb", "vision_tower"),
+            (config.init_from.audio_bridge, "aecb", "audio_tower"),
+        )
+        for workdir, name, tower in stages:
+            if not workdir:
+                continue
+            trained = checkpoint.restore_state_numpy(Path(workdir) / "checkpoints")["model"]
+            parts = [(name, trained[name])]
+            tower_values = _nested(trained, TOWERS_IN_STAGES[tower])
+            if tower_values is not None:  # that stage trained its tower (``model.train_encoders``)
+                parts.append((tower, tower_values))
+            for attribute, values in parts:
+                module = getattr(model, attribute)
+                state = nnx.state(module)
+                nnx.replace_by_pure_dict(state, values)
+                nnx.update(module, jax.device_put(state, sharding.state_shardings(state, mesh)))
 
     return Task(
         build_model=lambda rngs: XEmoGPT(model_config, rngs=rngs),

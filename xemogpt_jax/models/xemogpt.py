@@ -11,7 +11,8 @@ and keeps the one its ``kind`` names, so one static-shape program serves batches
 video-only, audio-only, audio+video and text-only samples. A bridge gets gradient only through
 the slots of samples that have its modality, which is the stage-3 rule of the spec.
 
-The encoders are frozen in every stage, so their outputs pass through ``stop_gradient``; the
+The encoders are frozen in every stage, so their outputs pass through ``stop_gradient`` (unless
+``train_encoders``, which only the tiny demo sets: its random-init towers must learn to see); the
 same features may be precomputed (``clip_features``, ``audio_features`` + ``audio_frame_mask``)
 and passed instead of frames/waveforms, with identical results.
 """
@@ -53,6 +54,7 @@ class XEmoGPTConfig:
     audio_text_dim: int = 768  # LaBSE sentence embeddings
     dtype: DType = None
     param_dtype: DType = jnp.float32
+    train_encoders: bool = False  # let gradients reach CLIP and HuBERT (tiny random-init demo only)
 
     @property
     def vecb(self) -> bridges.VECBConfig:
@@ -123,10 +125,10 @@ class XEmoGPT(nnx.Module):
         self.llm = Qwen3ForCausalLM(c.llm, rngs=rngs)
 
     def clip_features(self, frames: jax.Array) -> jax.Array:
-        """Normalised frames ``[B, F, H, W, 3]`` -> per-frame CLS before the post-layernorm ``[B, F, D_v]`` (frozen)."""
+        """Normalised frames ``[B, F, H, W, 3]`` -> per-frame CLS before the post-layernorm ``[B, F, D_v]``."""
         batch, num_frames = frames.shape[:2]
         cls = self.vision_tower(frames.reshape(batch * num_frames, *frames.shape[2:])).cls_token
-        return jax.lax.stop_gradient(cls.reshape(batch, num_frames, -1))
+        return self._encoder_output(cls.reshape(batch, num_frames, -1))
 
     def audio_features(self, audio: jax.Array, audio_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Waveform ``[B, S]`` + sample mask -> (HuBERT last hidden ``[B, T, D_a]`` with padded frames 0, frame mask).
@@ -136,7 +138,10 @@ class XEmoGPT(nnx.Module):
         limit = self.config.max_audio_samples
         hidden, frame_mask = self.audio_tower(audio[:, :limit], audio_mask[:, :limit])
         hidden = jnp.where(frame_mask[..., None], hidden, jnp.zeros((), hidden.dtype))
-        return jax.lax.stop_gradient(hidden), frame_mask
+        return self._encoder_output(hidden), frame_mask
+
+    def _encoder_output(self, features: jax.Array) -> jax.Array:
+        return features if self.config.train_encoders else jax.lax.stop_gradient(features)
 
     def video_tokens(self, clip_features: jax.Array) -> jax.Array:
         """``[B, F, D_v]`` CLS features -> ``[B, F, D_llm]`` video tokens."""
