@@ -297,8 +297,16 @@ class Qwen3ForCausalLM(nnx.Module):
             )
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Token embeddings ``[B, T, D]`` in the compute dtype (what multimodal callers splice into)."""
-        return self.embed_tokens(input_ids, dtype=self.config.dtype)
+        """Token embeddings ``[B, T, D]`` in the compute dtype (what multimodal callers splice into).
+
+        The (vocab, embed)-sharded table is gathered whole first, so the lookup runs on each device's
+        own rows of batch-sharded ids; left to itself, XLA cannot partition a gather from a table
+        sharded on the looked-up axis and rematerialises it in full.
+        """
+        table = constrain(self.embed_tokens.embedding[...], (None, None))
+        ids = constrain(input_ids, ("batch", "length"))
+        x = jnp.take(table, ids, axis=0).astype(self.config.dtype or table.dtype)
+        return constrain(x, ("batch", "length", "embed"))
 
     def init_cache(self, batch_size: int, max_length: int, dtype: DType = None) -> KVCache:
         """An empty cache with ``max_length`` slots per row."""
