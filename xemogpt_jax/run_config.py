@@ -4,9 +4,9 @@ A run config is ``configs/sft.py`` (a ConfigDict) or its JSON as stored beside e
 Training (:mod:`xemogpt_jax.stages`), inference (:mod:`xemogpt_jax.explainer`) and the model
 checkpoints of ``tools/import_weights.py`` (whose :class:`ModelSpec` reads as a run config) all
 build the assembled model here, so a checkpoint always rebuilds the model that wrote it.
-Architecture precedence: ``init_from.model`` (an imported model checkpoint: its encoders, LLM and
-bridge sizes; LoRA stays the run's), then a non-empty ``init_from`` HF folder's ``config.json``,
-then the config's own ``model.*`` fields.
+Architecture precedence, as for the weights in training: a non-empty ``init_from`` HF folder's
+``config.json``, else ``init_from.model`` (an imported model checkpoint: its encoders, LLM and bridge
+sizes; LoRA stays the run's), else the config's own ``model.*`` fields.
 """
 
 from __future__ import annotations
