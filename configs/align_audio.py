@@ -4,7 +4,9 @@
 ``--config=configs/align_audio.py:tiny`` fits a 2-core CPU. Its HuBERT and sentence encoder are
 random-init and so are trained here (``model.train_encoders``): frozen, they give nearly the same
 vector for every clip and caption, and the contrastive loss stays at ln(B). The paper variant keeps
-both frozen.
+both frozen. The tiny sentence encoder also mean-pools its tokens instead of LaBSE's CLS: our captions
+carry no [CLS] token and all start with "A", and a random BERT's first position is then the same
+vector for every caption (cosine 1.000), so the text side starts collapsed and training stalls.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.bridge_layers = 2
     c.model.align_dim = 768
     c.model.text_dim = 768
+    c.model.text_pooling = "cls"  # LaBSE's sentence pooling
     c.model.train_encoders = False  # the paper freezes HuBERT and LaBSE; True trains them too (tiny only)
 
     c.loss = ml_collections.ConfigDict()
@@ -73,6 +76,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         common.tiny_overrides(c)
         c.model.align_dim = 32
         c.model.text_dim = 32
+        c.model.text_pooling = "mean"
         c.model.train_encoders = True
         c.data.max_audio_seconds = 3.0
         c.train.steps = 150

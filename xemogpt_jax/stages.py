@@ -153,20 +153,21 @@ def align_video_task(config: ml_collections.ConfigDict) -> Task:
 # ---------------------------------------------------------------- stage 2
 
 
-def labse_shaped_encoder(bert_config: BertConfig, text_dim: int, *, rngs: nnx.Rngs) -> SentencePipeline:
+def labse_shaped_encoder(bert_config: BertConfig, text_dim: int, *, rngs: nnx.Rngs,
+                         pooling: str = "cls") -> SentencePipeline:
     """LaBSE's sentence-transformers pipeline: BERT, CLS pooling, Dense with tanh, L2 normalisation."""
     bert = BertModel(bert_config, rngs=rngs, add_pooling_layer=False)
     dense = Dense(bert_config.hidden_size, text_dim, use_bias=True, activation_name="Tanh", rngs=rngs)
-    return SentencePipeline(bert, ("cls",), [dense], normalize=True)
+    return SentencePipeline(bert, (pooling,), [dense], normalize=True)
 
 
 class AudioAlignModel(nnx.Module):
     """Frozen HuBERT and sentence encoder, the AECB with its stage-2 heads, and the contrastive log-scale."""
 
     def __init__(self, hubert_config: HubertConfig, bert_config: BertConfig, aecb_config: bridges.AECBConfig,
-                 tau_init: float, *, rngs: nnx.Rngs):
+                 tau_init: float, *, rngs: nnx.Rngs, text_pooling: str = "cls"):
         self.hubert = HubertModel(hubert_config, rngs=rngs)
-        self.text_encoder = labse_shaped_encoder(bert_config, aecb_config.text_dim, rngs=rngs)
+        self.text_encoder = labse_shaped_encoder(bert_config, aecb_config.text_dim, rngs=rngs, pooling=text_pooling)
         self.aecb = bridges.AECB(aecb_config, rngs=rngs)
         setattr(self, LOGIT_SCALE, nnx.Param(losses.init_logit_scale(tau_init)))
 
@@ -215,7 +216,10 @@ def align_audio_task(config: ml_collections.ConfigDict) -> Task:
             _copy_into(model.text_encoder, SentenceEncoder.from_folder(text_folder).pipeline, mesh)
 
     return Task(
-        build_model=lambda rngs: AudioAlignModel(hubert_config, bert_config, aecb_config, config.loss.tau_init, rngs=rngs),
+        build_model=lambda rngs: AudioAlignModel(
+            hubert_config, bert_config, aecb_config, config.loss.tau_init, rngs=rngs,
+            text_pooling=config.model.get("text_pooling", "cls"),
+        ),
         trainable=nnx.All(
             nnx.Param, nnx.Any(*_trained_paths(config, ("aecb", LOGIT_SCALE), ("hubert", "text_encoder")))
         ),
