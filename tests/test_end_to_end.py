@@ -31,7 +31,8 @@ from xemogpt_jax.models import qwen3_params
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO = ROOT.parent / "shared/media/sample_00000007.mp4"
-QUIET = ["--config.train.show_progress=False", "--config.checkpoint.async_save=False"]
+QUIET = ["--config.train.show_progress=False", "--config.checkpoint.async_save=False",
+         "--config.perf.flops_from=params"]
 DECODE = ["--max-new-tokens", "3", "--num-beams", "1", "--greedy"]
 
 
@@ -58,10 +59,12 @@ def _train(config: str, workdir: Path, *overrides: str) -> subprocess.Popen:
 def _hf_folders(out: Path, tokenizer: Path) -> dict[str, Path]:
     """Random transformers models with the tiny configs' architectures; the LLM folder carries the tokenizer."""
     llm = {k: v for k, v in sft.llm_architecture("tiny").to_dict().items() if k != "model_type"}
+    clip = align_video.clip_architecture("tiny").to_dict()
+    hubert = align_audio.hubert_architecture("tiny").to_dict()
     models = {
         "llm": transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**llm)),
-        "clip": transformers.CLIPModel(transformers.CLIPConfig(**align_video.clip_architecture("tiny").to_dict())),
-        "hubert": transformers.HubertModel(transformers.HubertConfig(**align_audio.hubert_architecture("tiny").to_dict())),
+        "clip": transformers.CLIPModel(transformers.CLIPConfig(**clip)),
+        "hubert": transformers.HubertModel(transformers.HubertConfig(**hubert)),
     }
     folders = {}
     for name, model in models.items():
