@@ -9,7 +9,6 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[media,torch,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
