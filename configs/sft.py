@@ -3,9 +3,11 @@
 Trains LoRA on q/k/v of the LLM, the video and audio projections, and the bridges under the
 modality rule (VECB learns from video and audio+video samples, AECB from audio and audio+video).
 ``--config=configs/sft.py`` is paper scale (Qwen3-4B, LoRA r=512/alpha=512, 16 frames, 12 s,
-context 2048); ``--config=configs/sft.py:tiny`` fits a 2-core CPU. There the random-init CLIP vision and HuBERT towers
-train too (``model.train_encoders``), starting from the stage 1-2 checkpoints that trained them (see
-``configs/align_video.py``); the paper variant keeps them frozen.
+context 2048); ``--config=configs/sft.py:tiny`` fits a 2-core CPU. Its random-init CLIP vision and
+HuBERT towers are trained in stages 1-2 (see ``configs/align_video.py``) and come from those
+checkpoints; here they stay frozen as in the paper: trained on at stage 3's learning rate too, they
+stopped carrying the cues (demo at step 300: train loss 0.15 and cue accuracy at chance, against 0.10
+with them frozen).
 """
 
 from __future__ import annotations
@@ -72,7 +74,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.model.remat = False
         # The tiny LLM is random-init (no pretrained base to adapt), so it is fully fine-tuned: rank -1.
         c.model.lora = ml_collections.ConfigDict(dict(rank=-1, alpha=16.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj")))
-        c.model.train_encoders = True
         c.data.max_audio_seconds = 3.0
         c.data.max_context = 512
         c.data.length_buckets = (384, 512, 640, 768)

@@ -2,9 +2,13 @@
 
 1. generate the synthetic world (records, ground-truth cues, tokenizer) unless it is already there;
 2. stage 1 (VECB) and stage 2 (AECB) on the tiny configs, then stage 3 initialised from both;
-3. explain the held-out clips with the trained model, extract cues with the ``rules`` extractor and
-   score them with EmoCue-360 against the world's ground-truth cues;
-4. print a short report (losses per stage, sample explanations, EmoCue-360 table, wall time).
+3. explain the held-out clips with the trained model (greedy decoding), extract cues with the ``rules``
+   extractor and score them with EmoCue-360 against the world's ground-truth cues;
+4. print a short report (losses per stage, sample explanations, EmoCue-360 table, a chance row, wall time).
+
+``--ablate-pretraining`` also trains stage 3 from scratch (no stage 1-2 bridges or towers, same steps)
+and scores it the same way, for the "with vs without stages 1-2" comparison (about 1.5x the time).
+The tiny configs train the random-init towers (``model.train_encoders``, see ``configs/align_video.py``).
 
 Rerunning reuses finished stages (each is a resumable trainer workdir); ``--fresh`` starts over.
 """
@@ -25,16 +29,23 @@ import ml_collections
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train and evaluate XEmoGPT end to end on synthetic data.")
     parser.add_argument("--workdir", default="demo_out", help="world, stage workdirs and the report go here")
-    parser.add_argument("--clips", type=int, default=400, help="clips in the synthetic world (10%% held out)")
-    parser.add_argument("--steps", default="60,60,300", help="train steps of stages 1, 2 and 3")
-    parser.add_argument("--eval-clips", type=int, default=16, help="held-out clips to explain and score")
+    parser.add_argument("--clips", type=int, default=800, help="clips in the synthetic world (10%% held out)")
+    parser.add_argument("--steps", default="600,300,500", help="train steps of stages 1, 2 and 3")
+    parser.add_argument("--eval-clips", type=int, default=64, help="held-out clips to explain and score")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
+    parser.add_argument("--ablate-pretraining", action="store_true",
+                        help="also train stage 3 without stages 1-2 (same steps) and score both")
     return parser.parse_args(argv)
+
+
+# Contrastive stages see more negatives per step than the tiny default of 8 (their steps are cheap).
+BATCH_SIZE = {"align_video": 32, "align_audio": 16, "sft": 8}
 
 
 def stage_config(module: Any, world: Path, steps: int) -> ml_collections.ConfigDict:
     config = module.get_config("tiny")
+    config.data.batch_size = BATCH_SIZE[config.stage]
     config.data.train_dir = str(world / "train")
     config.data.eval_dir = str(world / "heldout")
     config.init_from.tokenizer = str(world / "tokenizer")
@@ -65,9 +76,14 @@ def heldout_clips(world: Path, count: int) -> list[Any]:
     return [clip_from_record(decode_record(source[i])) for i in range(min(count, len(source)))]
 
 
+def chance_cues(ground_truth: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Each clip predicted with another clip's true cues: cue lists drawn from the same pools."""
+    return {name: ground_truth[names[(i + 1) % len(names)]] for i, name in enumerate(names)}
+
+
 def evaluate(stage3: Path, world: Path, count: int, max_new_tokens: int) -> tuple[dict[str, str], dict[str, Any]]:
     """Explanations of held-out clips, and their EmoCue-360 scores (rules cue extractor)."""
-    from xemogpt_jax import emocue360, explainer
+    from xemogpt_jax import explainer
     from xemogpt_jax.cue_extraction import rules_cues
 
     model = explainer.load(stage3, tokenizer=world / "tokenizer")
@@ -77,10 +93,7 @@ def evaluate(stage3: Path, world: Path, count: int, max_new_tokens: int) -> tupl
     for start in range(0, len(clips), 8):
         chunk = clips[start : start + 8]
         texts.update(zip([c.clip_id for c in chunk], model.explain(chunk, decoding)))
-    predicted = {name: rules_cues(text) for name, text in texts.items()}
-    ground_truth = json.loads((world / "heldout_cues.json").read_text())
-    embed = emocue360.jax_embedder(emocue360.default_embedder_dir())
-    return texts, emocue360.score(predicted, ground_truth, embed)
+    return texts, {name: rules_cues(text) for name, text in texts.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,18 +117,31 @@ def main(argv: list[str] | None = None) -> int:
     video = stage_config(align_video, world, steps[0])
     audio = stage_config(align_audio, world, steps[1])
     instruct = stage_config(sft, world, steps[2])
+    scratch = stage_config(sft, world, steps[2])
     instruct.init_from.video_bridge = str(runs["stage 1 (VECB)"])
     instruct.init_from.audio_bridge = str(runs["stage 2 (AECB)"])
-    for (name, workdir), config in zip(runs.items(), (video, audio, instruct)):
+    configs = [video, audio, instruct]
+    if args.ablate_pretraining:
+        runs["stage 3 w/o 1-2"] = root / "stage3_scratch"
+        configs.append(scratch)
+    for (name, workdir), config in zip(runs.items(), configs):
         print(f"[demo] {name}: {config.train.steps} steps -> {workdir}", flush=True)
         trainer.run(config, workdir, stages.task_for(config))
 
-    print("[demo] explaining held-out clips and scoring them with EmoCue-360", flush=True)
-    texts, scores = evaluate(runs["stage 3 (SFT)"], world, args.eval_clips, args.max_new_tokens)
-
     from xemogpt_jax import emocue360
 
+    print("[demo] explaining held-out clips and scoring them with EmoCue-360", flush=True)
+    texts, predicted = evaluate(runs["stage 3 (SFT)"], world, args.eval_clips, args.max_new_tokens)
     ground_truth = json.loads((world / "heldout_cues.json").read_text())
+    tables = {"stages 1-2-3": predicted}
+    if args.ablate_pretraining:
+        tables["stage 3 only (no stages 1-2, same stage-3 steps)"] = evaluate(
+            runs["stage 3 w/o 1-2"], world, args.eval_clips, args.max_new_tokens
+        )[1]
+    tables["chance (each clip scored with another clip's true cues)"] = chance_cues(ground_truth, list(texts))
+    embed = emocue360.jax_embedder(emocue360.default_embedder_dir())
+    scores = {name: emocue360.score(cues, ground_truth, embed) for name, cues in tables.items()}
+
     lines = ["", "=" * 72, "XEmoGPT demo report (synthetic cue world, tiny models, CPU)", "=" * 72]
     for name, workdir in runs.items():
         first, last, evaluated = read_losses(workdir)
@@ -127,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         truth = ground_truth.get(clip_id, {})
         lines.append(f"[{clip_id}] true cues: {json.dumps(truth)[:400]}")
         lines.append("")
-    lines.append(f"EmoCue-360 on {len(texts)} held-out clips (rules cue extractor):")
-    lines.append(emocue360.format_table(scores))
+    for name, result in scores.items():
+        lines.append(f"EmoCue-360 on {len(texts)} held-out clips (rules cue extractor), {name}:")
+        lines.append(emocue360.format_table(result))
+        lines.append("")
     lines.append(f"total wall time {time.perf_counter() - start:.0f} s")
     report = "\n".join(lines)
     print(report)

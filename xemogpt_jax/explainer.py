@@ -131,6 +131,12 @@ def _load_frozen_parts(model: XEmoGPT, init: dict[str, Any]) -> None:
     for name, module, key_map in parts:
         if init.get(name):
             hf_io.assign(module, hf_io.iter_tensors(init[name]), key_map)
+    from xemogpt_jax.stages import bridge_stage_parts  # towers trained in stages 1-2 and frozen in stage 3
+
+    for attribute, values in bridge_stage_parts(init, with_bridges=False):
+        state = nnx.state(getattr(model, attribute))
+        nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, values))
+        nnx.update(getattr(model, attribute), state)
 
 
 def _tokenizer_folder(directory: Path, run: dict[str, Any], override: str | Path | None) -> Path:

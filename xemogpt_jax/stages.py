@@ -267,6 +267,26 @@ def sft_loss(model: XEmoGPT, batch: dict, key: jax.Array) -> tuple[jax.Array, di
     return loss, {"target_tokens": jnp.sum(batch["labels"] != prompt.IGNORE_INDEX)}
 
 
+def bridge_stage_parts(init_from: Any, with_bridges: bool) -> list[tuple[str, dict[str, Any]]]:
+    """(XEmoGPT attribute, numpy params) taken from the stage 1-2 workdirs that ``init_from`` names.
+
+    The bridges when ``with_bridges``, and every tower a stage trained (``model.train_encoders``), so
+    that stage 3 and the explainer see the same towers even when stage 3 keeps them frozen.
+    """
+    parts = []
+    for key, bridge, tower in (("video_bridge", "vecb", "vision_tower"), ("audio_bridge", "aecb", "audio_tower")):
+        workdir = init_from.get(key) if hasattr(init_from, "get") else None
+        if not workdir:
+            continue
+        trained = checkpoint.restore_state_numpy(Path(workdir) / "checkpoints")["model"]
+        if with_bridges:
+            parts.append((bridge, trained[bridge]))
+        tower_values = _nested(trained, TOWERS_IN_STAGES[tower])
+        if tower_values is not None:
+            parts.append((tower, tower_values))
+    return parts
+
+
 def _nested(tree: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
     """``tree[path[0]][path[1]]...``, or None where a key is missing."""
     for key in path:
@@ -306,23 +326,11 @@ def sft_task(config: ml_collections.ConfigDict) -> Task:
                 config.init_from.llm, mesh=mesh, dtype=dtype, remat=config.model.remat, lora=model_config.llm.lora
             )
             _copy_into(model.llm, loaded, mesh)
-        stages = (
-            (config.init_from.video_bridge, "vecb", "vision_tower"),
-            (config.init_from.audio_bridge, "aecb", "audio_tower"),
-        )
-        for workdir, name, tower in stages:
-            if not workdir:
-                continue
-            trained = checkpoint.restore_state_numpy(Path(workdir) / "checkpoints")["model"]
-            parts = [(name, trained[name])]
-            tower_values = _nested(trained, TOWERS_IN_STAGES[tower])
-            if tower_values is not None:  # that stage trained its tower (``model.train_encoders``)
-                parts.append((tower, tower_values))
-            for attribute, values in parts:
-                module = getattr(model, attribute)
-                state = nnx.state(module)
-                nnx.replace_by_pure_dict(state, values)
-                nnx.update(module, jax.device_put(state, sharding.state_shardings(state, mesh)))
+        for attribute, values in bridge_stage_parts(config.init_from, with_bridges=True):
+            module = getattr(model, attribute)
+            state = nnx.state(module)
+            nnx.replace_by_pure_dict(state, values)
+            nnx.update(module, jax.device_put(state, sharding.state_shardings(state, mesh)))
 
     return Task(
         build_model=lambda rngs: XEmoGPT(model_config, rngs=rngs),
