@@ -15,6 +15,7 @@ from flax import nnx
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer as TorchCLIPLayer
 from transformers.models.hubert.modeling_hubert import HubertEncoderLayer as TorchHubertLayer
 
+from tests.weights_fixtures import randomize
 from tests.xemogpt_fixtures import (
     assign_paths, build_filled, byte_tokenizer, linear_and_norm_tensors, to_torch, torch_state,
 )
@@ -55,20 +56,6 @@ def hf_configs(tokenizer):
         rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, attn_implementation="eager",
     )
     return clip, hubert, qwen
-
-
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Weights ~ N(0, 1/fan_in); norms 1 + noise; biases and vectors noise (so nothing is trivially 0 or 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim >= 2:
-                p.copy_(noise / math.sqrt(math.prod(p.shape[1:])))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
 
 
 class TorchXEmoGPT(torch.nn.Module):
