@@ -14,11 +14,12 @@ Latent cues (each drawn from a small pool, so descriptions are compositional):
 Rendering: a face drawn on 16 frames of ``S x S`` pixels (head motion: nodding moves the face up and
 down, shaking left and right; brows sit higher when raised and slant inwards when furrowed; the mouth
 is a parabola whose corners bend up for a smile and down for a frown; dim lighting scales every pixel
-by 0.45). Audio: 2-3 s of 16 kHz voiced syllables, fundamental 240 Hz (high) or 120 Hz (low) with
-6 harmonics, gliding +/-15 % over the clip (rising / falling), peak 0.5 (loud) or 0.06 (soft) with
+by 0.45; features are sized so that a 64 px frame cut into 16 px patches still shows them). Audio: 2-3 s
+of 16 kHz voiced syllables, fundamental 240 Hz (high) or 120 Hz (low) with
+6 harmonics, gliding +/-25 % over the clip (rising / falling), peak 0.5 (loud) or 0.06 (soft) with
 harmonics decaying by 0.85 (loud: vocal effort brightens the voice) or 0.3 (soft) per step, so loudness
 survives the per-clip zero-mean / unit-variance normalisation of the HuBERT feature extractor, 6 or 2.5
-syllables per second, 9 Hz pitch vibrato of depth 8 % when trembling, and a 0.8 s burst of breathy
+syllables per second, 7 Hz pitch vibrato of depth 15 % when trembling, and a 0.8 s burst of breathy
 "ha" pulses when laughing.
 
 Emotion rules (emotion = the first rule that fires; a clip's modalities always agree):
@@ -89,6 +90,9 @@ PEAK = {"loud": 0.5, "soft": 0.06}
 HARMONIC_DECAY = {"loud": 0.85, "soft": 0.3}
 SYLLABLES_PER_SECOND = {"fast": 6.0, "slow": 2.5}
 LIGHT_GAIN = {"bright": 1.0, "dim": 0.45}
+TREMOR_HZ, TREMOR_DEPTH = 7.0, 0.15
+# Bump when rendering, text or sampling change: a saved world with another version is stale.
+WORLD_VERSION = 2
 
 Cues = dict[str, str]
 
@@ -210,17 +214,17 @@ def render_frames(visual: Cues, rng: np.random.Generator, size: int = 64) -> np.
     line = max(0.025 * s, 1.0)
 
     face = ((xx - cx) / (0.3 * s)) ** 2 + ((yy - cy) / (0.38 * s)) ** 2 <= 1.0
-    eye_height = {"wide": 0.065 * s, "narrowed": max(0.015 * s, 0.75)}[visual["eyes"]]
-    brow_lift = {"raised": 0.16 * s, "relaxed": 0.11 * s, "furrowed": 0.085 * s}[visual["brows"]]
+    eye_height = {"wide": 0.08 * s, "narrowed": max(0.012 * s, 0.75)}[visual["eyes"]]
+    brow_lift = {"raised": 0.2 * s, "relaxed": 0.13 * s, "furrowed": 0.1 * s}[visual["brows"]]
     brow_slant = 0.5 if visual["brows"] == "furrowed" else 0.0
     eyes = np.zeros_like(face)
     brows = np.zeros_like(face)
     for side in (-1.0, 1.0):
         ex, ey = cx + side * 0.12 * s, cy - 0.08 * s
-        eyes |= ((xx - ex) / (0.06 * s)) ** 2 + ((yy - ey) / eye_height) ** 2 <= 1.0
+        eyes |= ((xx - ex) / (0.07 * s)) ** 2 + ((yy - ey) / eye_height) ** 2 <= 1.0
         brow_y = ey - brow_lift - side * brow_slant * (xx - ex)
-        brows |= (np.abs(yy - brow_y) <= line) & (np.abs(xx - ex) <= 0.075 * s)
-    bend = {"smiling": 0.07 * s, "frowning": -0.07 * s, "neutral": 0.0}[visual["mouth"]]
+        brows |= (np.abs(yy - brow_y) <= 1.5 * line) & (np.abs(xx - ex) <= 0.085 * s)
+    bend = {"smiling": 0.09 * s, "frowning": -0.09 * s, "neutral": 0.0}[visual["mouth"]]
     u = (xx - cx) / (0.13 * s)
     mouth_y = cy + 0.17 * s + bend * (1.0 - u**2)
     mouth = (np.abs(yy - mouth_y) <= line) & (np.abs(u) <= 1.0)
@@ -241,10 +245,10 @@ def render_audio(audio: Cues, rng: np.random.Generator) -> np.ndarray:
     num_samples = int(rng.uniform(*AUDIO_SECONDS) * SAMPLE_RATE)
     t = np.arange(num_samples, dtype=np.float64) / SAMPLE_RATE
     progress = t / t[-1]
-    glide = 0.85 + 0.3 * progress if audio["contour"] == "rising" else 1.15 - 0.3 * progress
+    glide = 0.75 + 0.5 * progress if audio["contour"] == "rising" else 1.25 - 0.5 * progress
     f0 = PITCH_HZ[audio["pitch"]] * rng.uniform(0.95, 1.05) * glide
     if audio["tremor"] == "trembling":
-        f0 = f0 * (1.0 + 0.08 * np.sin(2 * np.pi * 9.0 * t))
+        f0 = f0 * (1.0 + TREMOR_DEPTH * np.sin(2 * np.pi * TREMOR_HZ * t))
     phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
     decay = HARMONIC_DECAY[audio["loudness"]]
     voice = sum(decay**k * np.sin((k + 1) * phase) for k in range(6))
@@ -427,6 +431,25 @@ def corpus(seed: int = 0, num_clips: int = 2000) -> list[str]:
     return texts
 
 
+def world_fingerprint(split: str, num_clips: int, seed: int, frame_size: int) -> dict[str, Any]:
+    """What a split's manifest records about how it was made; a different one means a different world."""
+    return {"generator": "data_pipelines.synth", "version": WORLD_VERSION, "num_clips": num_clips, "seed": seed,
+            "split": split, "frame_size": frame_size}
+
+
+def is_current_world(out: Path, num_clips: int = 1000, seed: int = 0, frame_size: int = 64) -> bool:
+    """Whether ``out`` holds a complete world that this generator would write with these arguments."""
+    if not (out / "heldout_cues.json").exists() or not (out / "tokenizer").is_dir():
+        return False
+    for split in ("train", "heldout"):
+        manifest = out / split / MANIFEST_NAME
+        if not manifest.exists():
+            return False
+        if json.loads(manifest.read_text()).get("fingerprint") != world_fingerprint(split, num_clips, seed, frame_size):
+            return False
+    return True
+
+
 def write_world(out: Path, num_clips: int = 1000, seed: int = 0, frame_size: int = 64,
                 heldout_fraction: float = 0.1, records_per_shard: int = 256) -> dict[str, int]:
     """Write both splits, their cue JSON files and the tokenizer; return the clip count per split."""
@@ -435,7 +458,7 @@ def write_world(out: Path, num_clips: int = 1000, seed: int = 0, frame_size: int
     counts = {"train": num_clips - num_heldout, "heldout": num_heldout}
     for split, count in counts.items():
         ground_truth: dict[str, dict[str, list[str]]] = {}
-        fingerprint = {"generator": "data_pipelines.synth", "seed": seed, "split": split, "frame_size": frame_size}
+        fingerprint = world_fingerprint(split, num_clips, seed, frame_size)
         records = split_records(seed, split, count, frame_size, ground_truth)
         write_split(records, count, out / split, fingerprint, records_per_shard)
         (out / f"{split}_cues.json").write_text(json.dumps(ground_truth, indent=1))

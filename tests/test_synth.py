@@ -1,6 +1,7 @@
 """The synthetic cue world: deterministic, rule-consistent, and its cues are really in the pixels and samples."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -54,6 +55,19 @@ def test_same_seed_gives_identical_shards_and_other_seed_differs(world, tmp_path
         assert (world / f"{split}_cues.json").read_text() == (tmp_path / "again" / f"{split}_cues.json").read_text()
     first = world / "train" / files[0]
     assert first.read_bytes() != (tmp_path / "other" / "train" / first.name).read_bytes()
+
+
+def test_a_world_is_current_only_for_its_own_arguments_and_generator_version(world, tmp_path):
+    assert synth.is_current_world(world, num_clips=12, seed=3, frame_size=16)
+    assert not synth.is_current_world(world, num_clips=13, seed=3, frame_size=16)
+    assert not synth.is_current_world(world, num_clips=12, seed=3, frame_size=64)
+    assert not synth.is_current_world(tmp_path / "absent", num_clips=12, seed=3, frame_size=16)
+    stale = tmp_path / "stale"
+    shutil.copytree(world, stale)
+    manifest = json.loads((stale / "heldout" / "manifest.json").read_text())
+    manifest["fingerprint"]["version"] = synth.WORLD_VERSION - 1
+    (stale / "heldout" / "manifest.json").write_text(json.dumps(manifest))
+    assert not synth.is_current_world(stale, num_clips=12, seed=3, frame_size=16)
 
 
 def test_emotion_and_cue_lists_follow_the_rules_from_the_latents():
