@@ -10,7 +10,8 @@
 and scores it the same way, for the "with vs without stages 1-2" comparison (about 1.5x the time).
 The tiny configs train the random-init towers (``model.train_encoders``, see ``configs/align_video.py``).
 
-Rerunning reuses finished stages (each is a resumable trainer workdir); ``--fresh`` starts over.
+Rerunning reuses finished stages (each is a resumable trainer workdir) as long as the world in the workdir
+is the one this generator writes (``synth.is_current_world``); otherwise, or with ``--fresh``, it starts over.
 """
 
 from __future__ import annotations
@@ -56,6 +57,19 @@ def stage_config(module: Any, world: Path, steps: int) -> ml_collections.ConfigD
     return config
 
 
+OUTPUTS = ("world", "stage1", "stage2", "stage3", "stage3_scratch", "report.txt", "explanations.json")
+
+
+def clear(root: Path) -> None:
+    """Delete what an earlier demo wrote under ``root``, and nothing else (``--workdir`` may be shared)."""
+    for name in OUTPUTS:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def read_losses(workdir: Path) -> tuple[float | None, float | None, float | None]:
     """(first logged train loss, last logged train loss, last eval loss) of a trainer workdir."""
     log = workdir / "metrics.jsonl"
@@ -81,6 +95,25 @@ def chance_cues(ground_truth: dict[str, Any], names: list[str]) -> dict[str, Any
     return {name: ground_truth[names[(i + 1) % len(names)]] for i, name in enumerate(names)}
 
 
+def exact_cue_recall(predicted: dict[str, Any], ground_truth: dict[str, Any]) -> dict[str, float]:
+    """Per axis, the share of true cues an explanation states word for word (case and full stops aside).
+
+    Stricter than EmoCue-360, whose sentence embeddings put "the pitch is rising" close to "the pitch is
+    falling": this line shows whether the model perceived the cue, not only how it phrased it.
+    """
+    def normal(cue: str) -> str:
+        return cue.strip().rstrip(".").lower()
+
+    found: dict[str, list[float]] = {}
+    for name, truth in ground_truth.items():
+        if name not in predicted:
+            continue
+        for axis, cues in truth.items():
+            said = {normal(c) for c in predicted[name].get(axis, [])}
+            found.setdefault(axis, []).extend(normal(c) in said for c in cues)
+    return {axis: sum(hits) / len(hits) for axis, hits in found.items() if hits}
+
+
 def evaluate(stage3: Path, world: Path, count: int, max_new_tokens: int) -> tuple[dict[str, str], dict[str, Any]]:
     """Explanations of held-out clips, and their EmoCue-360 scores (rules cue extractor)."""
     from xemogpt_jax import explainer
@@ -100,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     root = Path(args.workdir)
-    if args.fresh and root.exists():
-        shutil.rmtree(root)
+    if args.fresh:
+        clear(root)
     world = root / "world"
     steps = [int(s) for s in args.steps.split(",")]
 
@@ -109,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipelines import synth
     from xemogpt_jax import stages, trainer
 
-    if not (world / "heldout_cues.json").exists():
+    if not synth.is_current_world(world, num_clips=args.clips):
+        if world.exists():
+            print(f"[demo] {world} was written by another generator version or --clips: starting over", flush=True)
+            clear(root)
         print(f"[demo] writing the synthetic cue world ({args.clips} clips) to {world}", flush=True)
         synth.write_world(world, num_clips=args.clips)
 
@@ -156,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, result in scores.items():
         lines.append(f"EmoCue-360 on {len(texts)} held-out clips (rules cue extractor), {name}:")
         lines.append(emocue360.format_table(result))
+        recall = exact_cue_recall(tables[name], ground_truth)
+        lines.append("exact cue recall (stated word for word): "
+                     + ", ".join(f"{axis} {value:.3f}" for axis, value in recall.items()))
         lines.append("")
     lines.append(f"total wall time {time.perf_counter() - start:.0f} s")
     report = "\n".join(lines)
