@@ -53,6 +53,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.optim.b2 = 0.98
     c.optim.eps = 1e-8
     c.optim.accum_steps = 1  # micro-batches per optimizer update (optax.MultiSteps)
+    # {path part: factor}: parameters whose path names the part learn at factor x the schedule's rate.
+    c.optim.lr_multipliers = ml_collections.ConfigDict()
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 10_000  # train steps (micro-batches) [reconstructed]

@@ -52,3 +52,17 @@ def test_gradients_are_clipped_by_global_norm():
     updates, _ = tx.update(huge, tx.init(params), params)
     clipped = np.array([0.6, 0.8])
     np.testing.assert_allclose(np.asarray(updates["b"]), -clipped / (clipped + 1), rtol=1e-5)
+
+
+def test_lr_multiplier_scales_only_the_named_parameters_whole_update():
+    params = {"vision_tower": {"kernel": jnp.array([[1.0, -2.0], [0.5, 3.0]])}, "llm": {"kernel": jnp.ones((2, 2))}}
+    grads = {"vision_tower": {"kernel": jnp.array([[0.2, 0.0], [-0.4, 0.1]])}, "llm": {"kernel": jnp.full((2, 2), 0.3)}}
+    plain = optim.make_optimizer(_optim_config(warmup_steps=0, weight_decay=0.1), total_steps=10)
+    c = _optim_config(warmup_steps=0, weight_decay=0.1)
+    c.lr_multipliers = {"Vision_Tower": 0.1}
+    scaled = optim.make_optimizer(c, total_steps=10)
+    expected, _ = plain.update(grads, plain.init(params), params)
+    updates, _ = scaled.update(grads, scaled.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["vision_tower"]["kernel"]),
+                               0.1 * np.asarray(expected["vision_tower"]["kernel"]), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(updates["llm"]["kernel"]), np.asarray(expected["llm"]["kernel"]))

@@ -47,6 +47,15 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def contains_mask(name_part: str):
+    """Params tree -> True for the leaves whose path names ``name_part``."""
+
+    def mask(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(lambda path, _: name_part.lower() in _path_name(path), params)
+
+    return mask
+
+
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     """The stage's transformation from ``config.optim`` (fields documented in configs/common.py)."""
     tx = optax.chain(
@@ -59,6 +68,8 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
             weight_decay=config.weight_decay,
             mask=decay_mask,
         ),
+        *(optax.masked(optax.scale(factor), contains_mask(part))
+          for part, factor in dict(config.get("lr_multipliers", {})).items()),
     )
     if config.accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.accum_steps)
