@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,21 +26,20 @@ import numpy as np
 import torch
 import transformers
 from flax import nnx
-from transformers.models.clip.modeling_clip import CLIPEncoderLayer as TorchCLIPLayer
-from transformers.models.hubert.modeling_hubert import HubertEncoderLayer as TorchHubertLayer
 
 from configs import align_audio, align_video
-from tests.xemogpt_fixtures import assign_paths, byte_tokenizer, linear_and_norm_tensors, torch_state
 from xemogpt_jax import emocue360, prompt
 from xemogpt_jax.explainer import Clip, Decoding, Explainer, read_clip
 from xemogpt_jax.generate import GenerationConfig, generate
-from xemogpt_jax.models import clip_params, hf_io, hubert_params, qwen3_params
+from xemogpt_jax.models import qwen3_params
 from xemogpt_jax.models.clip import CLIPVisionConfig
 from xemogpt_jax.models.hubert import HubertConfig
 from xemogpt_jax.models.qwen3 import Qwen3Config
 from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig
 from xemogpt_jax.preprocessing import audio as audio_pre
 from xemogpt_jax.preprocessing import image as image_pre
+from xemogpt_jax.testing.byte_tokenizer import byte_tokenizer
+from xemogpt_jax.testing.torch_reference import TorchXEmoGPT, load_into, randomize
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared/media"
 AUDIO_SAMPLES = 32_000  # 2 s: 200 audio tokens with the tiny HuBERT (100 frames/s)
@@ -55,17 +53,6 @@ def small_qwen(vocab_size: int) -> transformers.Qwen3Config:
         pad_token_id=0, eos_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         attn_implementation="sdpa",
     )
-
-
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim >= 2:
-                p.copy_(noise / math.sqrt(math.prod(p.shape[1:])))
-            else:
-                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.1 * noise)
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -116,66 +103,19 @@ def bench_decode(new_tokens: int, batches: list[int], repeats: int, prompt_lengt
 
 # ---- 2. explanations ------------------------------------------------------------------------------
 
-class TorchXEmoGPT(torch.nn.Module):
-    """The release's module composition from transformers parts (batched, left-padded prompts)."""
-
-    def __init__(self, clip_config, hubert_config, qwen_config, num_frames: int):
-        super().__init__()
-        self.clip = transformers.CLIPVisionModel(clip_config)
-        self.hubert = transformers.HubertModel(hubert_config)
-        self.position_embedding = torch.nn.Parameter(torch.zeros(1, num_frames, clip_config.hidden_size))
-        self.visual_alignment_layer = torch.nn.ModuleList(TorchCLIPLayer(clip_config) for _ in range(2))
-        self.audio_alignment_layer = torch.nn.ModuleList(TorchHubertLayer(hubert_config) for _ in range(2))
-        self.visual_llm_project = torch.nn.Linear(clip_config.hidden_size, qwen_config.hidden_size)
-        self.audio_llm_project = torch.nn.Linear(hubert_config.hidden_size, qwen_config.hidden_size)
-        self.llm = transformers.Qwen3ForCausalLM(qwen_config)
-
-    def video_tokens(self, frames_nhwc: torch.Tensor) -> torch.Tensor:
-        b, f = frames_nhwc.shape[:2]
-        pixels = frames_nhwc.reshape(b * f, *frames_nhwc.shape[2:]).permute(0, 3, 1, 2)
-        x = self.clip(pixel_values=pixels).last_hidden_state[:, 0].reshape(b, f, -1) + self.position_embedding
-        for layer in self.visual_alignment_layer:
-            x = layer(x, None)
-        return self.visual_llm_project(x)
-
-    def audio_tokens(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.hubert(audio, attention_mask=audio_mask).last_hidden_state
-        lengths = self.hubert._get_feat_extract_output_lengths(audio_mask.sum(-1))
-        mask = (torch.arange(hidden.shape[1])[None, :] < lengths[:, None]).float()
-        x = hidden * mask[..., None]
-        bias = (1.0 - mask[:, None, None, :]) * torch.finfo(x.dtype).min
-        for layer in self.audio_alignment_layer:
-            x = layer(x, attention_mask=bias)
-        return self.audio_llm_project(x * mask[..., None])
-
-    def explain(self, batch: dict[str, np.ndarray], frames, audio, audio_mask, tokenizer, new_tokens: int) -> list:
-        ids = torch.from_numpy(batch["token_ids"]).long()
-        kind = torch.from_numpy(batch["kind"]).long()[..., None]
-        index = torch.from_numpy(batch["feature_index"]).long()[..., None]
-        embeds = self.llm.get_input_embeddings()(ids)
-        slots = ((prompt.VIDEO, self.video_tokens(frames)), (prompt.AUDIO, self.audio_tokens(audio, audio_mask)))
-        for slot, tokens in slots:
-            gathered = torch.gather(tokens, 1, index.clamp(max=tokens.shape[1] - 1).expand(-1, -1, tokens.shape[2]))
-            embeds = torch.where(kind == slot, gathered, embeds)
-        out = self.llm.generate(
-            inputs_embeds=embeds, attention_mask=torch.from_numpy(batch["attention_mask"]), max_new_tokens=new_tokens,
-            do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-        return out.numpy()
-
-
-def load_into(model: XEmoGPT, reference: TorchXEmoGPT) -> None:
-    for part, tensors, key_map in (
-        (model.vision_tower, torch_state(reference.clip, ""), clip_params.vision_key_map),
-        (model.audio_tower, torch_state(reference.hubert, ""), hubert_params.hubert_key_map()),
-        (model.llm, torch_state(reference.llm, ""), qwen3_params.hf_key_map),
-    ):
-        hf_io.assign(part, tensors, key_map)
-    tensors = [(("vecb", "position_embedding"), reference.position_embedding.detach().numpy()[0])]
-    for name, prefix in (("visual_alignment_layer", "vecb."), ("audio_alignment_layer", "aecb."),
-                         ("visual_llm_project", ""), ("audio_llm_project", "")):
-        tensors += linear_and_norm_tensors(getattr(reference, name), prefix + name)
-    assign_paths(model, tensors)
+def torch_explain(reference: TorchXEmoGPT, layout: dict[str, np.ndarray], frames: torch.Tensor, audio: torch.Tensor,
+                  audio_mask: torch.Tensor, tokenizer, new_tokens: int) -> np.ndarray:
+    """Greedy token ids from the PyTorch composition, prompts laid out as ours (left-padded)."""
+    audio_tokens, _ = reference.audio_tokens(audio, audio_mask)
+    embeds = reference.input_embeddings(
+        torch.from_numpy(layout["token_ids"]).long(), torch.from_numpy(layout["kind"]).long(),
+        torch.from_numpy(layout["feature_index"]).long(), reference.video_tokens(frames), audio_tokens,
+    )
+    out = reference.llm.generate(
+        inputs_embeds=embeds, attention_mask=torch.from_numpy(layout["attention_mask"]), max_new_tokens=new_tokens,
+        do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return out.numpy()
 
 
 def bench_explanations(new_tokens: int, clips: int, repeats: int) -> None:
@@ -209,7 +149,7 @@ def bench_explanations(new_tokens: int, clips: int, repeats: int) -> None:
 
     def torch_run() -> list:
         with torch.no_grad():
-            return reference.explain(layout, frames, audio, audio_mask, tokenizer, new_tokens)
+            return torch_explain(reference, layout, frames, audio, audio_mask, tokenizer, new_tokens)
 
     ours_text = explainer.explain(batch_clips, decoding)
     torch_tokens = torch_run()

@@ -1,41 +1,75 @@
-"""Stage-3 train step throughput: ours (JAX) vs a PyTorch composition of the same tiny model.
+"""Stage-3 train step throughput: ours (JAX) vs a PyTorch composition of the same model, at two sizes.
 
-``python -m bench.train [--steps 10] [--batch-size 4]`` builds the tiny stage-3 config
-(``configs/sft.py:tiny``) on a small synthetic world, takes one real collated batch, and times
-full train steps (forward, backward, AdamW) of
+``python -m bench.train [--size {tiny,small,both}] [--steps 10] [--batch-size 4]`` writes a small
+synthetic world, takes one real collated stage-3 batch, and times full train steps (forward,
+backward, clipping, AdamW) of
 
-- ours: the jitted, sharded step of :mod:`xemogpt_jax.trainer` on one device;
-- PyTorch: the same architecture composed from transformers modules (CLIPVisionModel, HubertModel,
-  CLIPEncoderLayer / HubertEncoderLayer bridges, Qwen3ForCausalLM), the same trainable set and AdamW.
+- ours: the jitted step of :mod:`xemogpt_jax.trainer` on one device;
+- PyTorch: :class:`xemogpt_jax.testing.torch_reference.TorchXEmoGPT` (CLIPVisionModel, HubertModel,
+  CLIPEncoderLayer / HubertEncoderLayer bridges, Qwen3ForCausalLM; transformers' default SDPA
+  attention) with the same trainable set, the same clipping and AdamW, in eager mode.
 
-It prints samples/s and tokens/s side by side, and our achieved FLOP/s (XLA cost analysis of the
-step) against a measured matmul peak of this machine. Numbers, not assertions: nothing here is a test.
+Both start from the same random weights (copied from the PyTorch model into ours), so their first
+losses must agree; the bench prints both. Sizes:
+
+- ``tiny``: ``configs/sft.py:tiny`` (LLM 64 wide x 2 layers, towers and bridges 32 wide);
+- ``small``: the same model with realistic widths, so matmuls dominate as at paper scale: LLM
+  512 wide x 8 layers (8 query / 4 KV heads of 64, SwiGLU 1536), CLIP vision and HuBERT towers
+  (and the bridges built from them) 256 wide x 2 layers with a 1024 MLP, HuBERT convs 128 wide.
+
+Printed per size: s/step, samples/s and tokens/s (real tokens) of both, their ratio, and our
+achieved FLOP/s (XLA cost analysis of the step) as a fraction of this machine's fp32 matmul peak,
+measured in the same process as the best of JAX's and PyTorch's best-of-3 square matmuls (2048 and
+4096). Numbers, not assertions: nothing here is a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import torch
+import transformers
+
+from configs import sft
+from data_pipelines import synth
+from xemogpt_jax import optim, run_config, sharding, stages, trainer
+from xemogpt_jax.metrics import compiled_flops
+from xemogpt_jax.testing.torch_reference import TorchXEmoGPT, load_into, randomize
+
+SIZES = ("tiny", "small")
+TORCH_FIELDS = ("token_ids", "kind", "feature_index", "labels", "attention_mask", "positions")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--size", choices=(*SIZES, "both"), default="both")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per implementation (after 2 warm-up)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--world", default="", help="an existing synthetic world (default: write a small one)")
     return parser.parse_args()
 
 
-def stage3_config(world: Path, batch_size: int):
-    from configs import sft
+def widen(config: ml_collections.ConfigDict) -> None:
+    """The ``small`` size: the tiny model's layout at widths where the matmuls dominate the step."""
+    config.model.llm.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=64)
+    config.model.clip.vision_config.update(hidden_size=256, intermediate_size=1024, num_attention_heads=4)
+    config.model.hubert.update(hidden_size=256, intermediate_size=1024, num_attention_heads=4, conv_dim=(128,) * 3)
 
+
+def stage3_config(world: Path, batch_size: int, size: str) -> ml_collections.ConfigDict:
     config = sft.get_config("tiny")
+    if size == "small":
+        widen(config)
     config.data.train_dir = str(world / "train")
     config.init_from.tokenizer = str(world / "tokenizer")
     config.data.batch_size = batch_size
@@ -44,154 +78,129 @@ def stage3_config(world: Path, batch_size: int):
     return config
 
 
-def time_steps(step, count: int) -> float:
-    """Seconds per step, after two warm-up steps (compilation, allocator)."""
-    for _ in range(2):
-        step()
+def time_steps(step: Callable[[], float], count: int) -> tuple[float, float]:
+    """(seconds per step after two warm-up steps (compilation, allocator), the first step's loss)."""
+    first_loss = step()
+    step()
     start = time.perf_counter()
     for _ in range(count):
         step()
-    return (time.perf_counter() - start) / count
+    return (time.perf_counter() - start) / count, first_loss
 
 
-def ours(config, task, local, steps: int) -> tuple[float, float | None]:
-    from xemogpt_jax import optim, sharding, trainer
-    from xemogpt_jax.metrics import compiled_flops
+def torch_reference(config: ml_collections.ConfigDict, seed: int) -> TorchXEmoGPT:
+    """The PyTorch composition of the run config's architecture, random weights, towers frozen."""
+    clip = transformers.CLIPVisionConfig(**config.model.clip.vision_config.to_dict())
+    hubert = transformers.HubertConfig(**{k: list(v) if isinstance(v, tuple) else v
+                                          for k, v in config.model.hubert.to_dict().items()})
+    llm = transformers.Qwen3Config(**config.model.llm.to_dict())
+    torch.manual_seed(seed)
+    reference = TorchXEmoGPT(clip, hubert, llm, num_frames=config.model.num_frames, bridge_layers=config.model.bridge_layers)
+    randomize(reference, seed)
+    return reference.freeze_towers()
 
+
+def ours(config: ml_collections.ConfigDict, task: trainer.Task, local: dict, reference: TorchXEmoGPT, steps: int):
+    """(s/step, first loss, FLOPs of the compiled step) of our jitted step on one device."""
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    task = dataclasses.replace(task, load_pretrained=lambda model, mesh: load_into(model, reference, mesh))
     engine = trainer.build_engine(task, optim.make_optimizer(config.optim, config.train.steps), mesh, config.seed)
     with jax.set_mesh(mesh):
         batch = trainer.global_batch(local, mesh, task.pad_values)
         flops = compiled_flops(engine.step_fn.lower(engine.trained, engine.frozen, batch))
 
-        def step():
+        def step() -> float:
             engine.trained, out = engine.step_fn(engine.trained, engine.frozen, batch)
-            out["loss"].block_until_ready()
+            return float(out["loss"])
 
-        return time_steps(step, steps), flops
-
-
-def torch_model(config, model_config):
-    """The tiny XEmoGPT composed from transformers modules, plus its trainable parameters."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel, HubertConfig, HubertModel, Qwen3Config, Qwen3ForCausalLM
-    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-    from transformers.models.hubert.modeling_hubert import HubertEncoderLayer
-
-    vision_hf = CLIPVisionConfig(**config.model.clip.vision_config.to_dict())
-    hubert_hf = HubertConfig(**{k: list(v) if isinstance(v, tuple) else v for k, v in config.model.hubert.to_dict().items()})
-    llm_hf = Qwen3Config(**config.model.llm.to_dict())
-    for hf in (vision_hf, hubert_hf, llm_hf):
-        hf._attn_implementation = "eager"
-    post_norm = HubertConfig(**{**hubert_hf.to_dict(), "do_stable_layer_norm": False})
-    post_norm._attn_implementation = "eager"
-
-    class Composition(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vision_tower = CLIPVisionModel(vision_hf).requires_grad_(False)
-            self.audio_tower = HubertModel(hubert_hf).requires_grad_(False)
-            self.position_embedding = torch.nn.Parameter(0.02 * torch.randn(model_config.num_frames, vision_hf.hidden_size))
-            self.visual_alignment_layer = torch.nn.ModuleList(CLIPEncoderLayer(vision_hf) for _ in range(2))
-            self.audio_alignment_layer = torch.nn.ModuleList(HubertEncoderLayer(post_norm) for _ in range(2))
-            self.visual_llm_project = torch.nn.Linear(vision_hf.hidden_size, llm_hf.hidden_size)
-            self.audio_llm_project = torch.nn.Linear(hubert_hf.hidden_size, llm_hf.hidden_size)
-            self.llm = Qwen3ForCausalLM(llm_hf)
-
-        def forward(self, b):
-            batch, frames = b["pixel_values"].shape[:2]
-            pixels = b["pixel_values"].flatten(0, 1).permute(0, 3, 1, 2)
-            with torch.no_grad():
-                cls = self.vision_tower(pixel_values=pixels).last_hidden_state[:, 0].view(batch, frames, -1)
-                hidden = self.audio_tower(b["input_values"], attention_mask=b["audio_mask"]).last_hidden_state
-                frame_mask = self.audio_tower._get_feature_vector_attention_mask(hidden.shape[1], b["audio_mask"])
-                hidden = hidden * frame_mask[..., None]
-            video = cls + self.position_embedding
-            for layer in self.visual_alignment_layer:
-                video = layer(video, None)
-            bias = (1.0 - frame_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-            audio = hidden
-            for layer in self.audio_alignment_layer:
-                audio = layer(audio, attention_mask=bias)
-                audio = audio[0] if isinstance(audio, tuple) else audio
-            audio = audio * frame_mask[..., None]
-            embeds = self.llm.get_input_embeddings()(b["token_ids"])
-            for kind, tokens in ((1, self.audio_llm_project(audio)), (2, self.visual_llm_project(video))):
-                index = b["feature_index"].clamp(0, tokens.shape[1] - 1)
-                gathered = torch.gather(tokens, 1, index[..., None].expand(-1, -1, tokens.shape[-1]))
-                embeds = torch.where((b["kind"] == kind)[..., None], gathered, embeds)
-            logits = self.llm(inputs_embeds=embeds, attention_mask=b["attention_mask"], position_ids=b["positions"]).logits
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b["labels"].flatten().long(), ignore_index=-100)
-
-    model = Composition()
-    frozen = ("vision_tower", "audio_tower")
-    trainable = [p for n, p in model.named_parameters() if not n.startswith(frozen)]
-    return model, trainable
+        seconds, first_loss = time_steps(step, steps)
+    return seconds, first_loss, flops
 
 
-def pytorch(config, model_config, local, steps: int) -> float:
-    import torch
+def pytorch(config: ml_collections.ConfigDict, local: dict, reference: TorchXEmoGPT, steps: int) -> tuple[float, float]:
+    """(s/step, first loss) of eager PyTorch: same trainable set, global-norm clipping and AdamW as ours."""
+    trainable = [p for p in reference.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.optim.learning_rate, betas=(config.optim.b1, config.optim.b2),
+                                  eps=config.optim.eps, weight_decay=config.optim.weight_decay)
+    batch = {k: torch.from_numpy(np.asarray(local[k])).long() for k in TORCH_FIELDS}
+    media = dict(frames=torch.from_numpy(np.asarray(local["pixel_values"])),
+                 audio=torch.from_numpy(np.asarray(local["input_values"])),
+                 audio_mask=torch.from_numpy(np.asarray(local["audio_mask"])).long())
+    reference.eval()  # no dropout (ours has none); autograd works the same
 
-    model, trainable = torch_model(config, model_config)
-    optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
-    names = ("token_ids", "kind", "feature_index", "labels", "attention_mask", "positions", "pixel_values",
-             "input_values", "audio_mask")
-    batch = {k: torch.from_numpy(np.asarray(local[k])) for k in names}
-    batch["token_ids"] = batch["token_ids"].long()
-    batch["positions"] = batch["positions"].long()
-    batch["feature_index"] = batch["feature_index"].long()
-
-    def step():
+    def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = model(batch)
+        loss = reference(**batch, **media)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, config.optim.clip_norm)
         optimizer.step()
+        return loss.item()
 
     return time_steps(step, steps)
 
 
-def matmul_peak() -> float:
-    """FLOP/s of a large fp32 matmul on this machine's first JAX device (best of a few)."""
-    n = 2048
-    a = jnp.ones((n, n), jnp.float32)
-    dot = jax.jit(lambda x: x @ x)
-    dot(a).block_until_ready()
+def best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
+    run()
     best = float("inf")
-    for _ in range(5):
+    for _ in range(repeats):
         start = time.perf_counter()
-        dot(a).block_until_ready()
+        run()
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return best
+
+
+def matmul_peak() -> float:
+    """The machine's fp32 matmul FLOP/s: the best of JAX's and PyTorch's square matmuls (printed)."""
+    rates = {}
+    for n in (2048, 4096):
+        a = jnp.ones((n, n), jnp.float32)
+        dot = jax.jit(lambda x: x @ x)
+        rates[f"JAX {n}"] = 2 * n**3 / best_seconds(lambda: dot(a).block_until_ready())
+        t = torch.ones(n, n)
+        rates[f"PyTorch {n}"] = 2 * n**3 / best_seconds(lambda: t @ t)
+    print("fp32 matmul GFLOP/s (best of 3): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items()))
+    return max(rates.values())
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    llm, vision, hubert = config.model.llm, config.model.clip.vision_config, config.model.hubert
+    return (f"LLM {llm.hidden_size} x {llm.num_hidden_layers} layers (MLP {llm.intermediate_size}, vocab "
+            f"{llm.vocab_size}), CLIP {vision.hidden_size} x {vision.num_hidden_layers}, HuBERT {hubert.hidden_size} x "
+            f"{hubert.num_hidden_layers}, bridges {config.model.bridge_layers} layers each")
+
+
+def bench_size(size: str, world: Path, batch_size: int, steps: int, peak: float) -> None:
+    config = stage3_config(world, batch_size, size)
+    task = stages.task_for(config)
+    local = next(task.train_data(0, 1))
+    tokens = int(np.sum(local["attention_mask"]))
+    reference = torch_reference(config, seed=0)
+    jax_seconds, jax_loss, flops = ours(config, task, local, reference, steps)
+    torch_seconds, torch_loss = pytorch(config, local, reference, steps)
+    batch, width = local["token_ids"].shape
+    print(f"\nstage-3 train step, {size}: {describe(config)}")
+    print(f"batch {batch} x {width} positions ({tokens} real tokens), {jax.devices()[0].platform} x1, "
+          f"torch {torch.get_num_threads()} threads")
+    print(f"{'':<22}{'s/step':>10}{'samples/s':>12}{'tokens/s':>12}{'first loss':>12}")
+    for name, seconds, loss in (("ours (JAX)", jax_seconds, jax_loss), ("PyTorch composition", torch_seconds, torch_loss)):
+        print(f"{name:<22}{seconds:>10.4f}{batch / seconds:>12.2f}{tokens / seconds:>12.1f}{loss:>12.4f}")
+    print(f"speed ratio ours / PyTorch: {torch_seconds / jax_seconds:.2f}x")
+    if flops:
+        achieved = flops / jax_seconds
+        print(f"our step: {flops / 1e9:.2f} GFLOP (XLA cost analysis) -> {achieved / 1e9:.2f} GFLOP/s = "
+              f"{achieved / peak:.3f} of the {peak / 1e9:.1f} GFLOP/s matmul peak")
 
 
 def main() -> None:
     args = parse_args()
-    from data_pipelines import synth
-    from xemogpt_jax import run_config, stages
-
+    print(f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
+    peak = matmul_peak()
     with tempfile.TemporaryDirectory() as tmp:
         world = Path(args.world) if args.world else Path(tmp) / "world"
         if not args.world:
             synth.write_world(world, num_clips=24, seed=0)
-        config = stage3_config(world, args.batch_size)
-        task = stages.task_for(config)
-        local = next(task.train_data(0, 1))
-        model_config = run_config.xemogpt_config(config, stages.qwen3_params.load_tokenizer(world / "tokenizer"))
-        tokens = int(np.sum(local["attention_mask"]))
-        jax_seconds, flops = ours(config, task, local, args.steps)
-        torch_seconds = pytorch(config, model_config, local, args.steps)
-    peak = matmul_peak()
-    batch, width = local["token_ids"].shape
-    print(f"stage-3 train step, tiny config, batch {batch} x {width} positions ({tokens} real tokens), "
-          f"{jax.devices()[0].platform} x1")
-    print(f"{'':<22}{'s/step':>10}{'samples/s':>12}{'tokens/s':>12}")
-    for name, seconds in (("ours (JAX)", jax_seconds), ("PyTorch composition", torch_seconds)):
-        print(f"{name:<22}{seconds:>10.4f}{batch / seconds:>12.2f}{tokens / seconds:>12.1f}")
-    print(f"speed ratio ours / PyTorch: {torch_seconds / jax_seconds:.2f}x")
-    if flops:
-        achieved = flops / jax_seconds
-        print(f"our step: {flops / 1e9:.2f} GFLOP (XLA cost analysis) -> {achieved / 1e9:.2f} GFLOP/s; "
-              f"measured fp32 matmul peak {peak / 1e9:.2f} GFLOP/s; ratio {achieved / peak:.3f}")
+        for size in SIZES if args.size == "both" else (args.size,):
+            bench_size(size, world, args.batch_size, args.steps, peak)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,15 @@ from flax import nnx
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer as TorchCLIPLayer
 from transformers.models.hubert.modeling_hubert import HubertEncoderLayer as TorchHubertLayer
 
-from tests.weights_fixtures import randomize
-from tests.xemogpt_fixtures import (
-    assign_paths, build_filled, byte_tokenizer, linear_and_norm_tensors, to_torch, torch_state,
-)
+from tests.xemogpt_fixtures import build_filled
 from xemogpt_jax import prompt, sharding
-from xemogpt_jax.models import clip_params, hf_io, hubert_params, lora, qwen3_params
+from xemogpt_jax.models import lora
 from xemogpt_jax.models.clip import CLIPVisionConfig
 from xemogpt_jax.models.hubert import HubertConfig
 from xemogpt_jax.models.qwen3 import Qwen3Config
 from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig, paper_config
+from xemogpt_jax.testing.byte_tokenizer import byte_tokenizer
+from xemogpt_jax.testing.torch_reference import TorchXEmoGPT, load_into, randomize, to_torch
 
 FRAMES, IMAGE, MAX_SAMPLES, AUDIO_LEN = 4, 28, 360, 400
 INSTRUCTION = "Describe the emotion."
@@ -58,80 +57,35 @@ def hf_configs(tokenizer):
     return clip, hubert, qwen
 
 
-class TorchXEmoGPT(torch.nn.Module):
-    """The release's composition, one sample at a time."""
-
-    def __init__(self, clip_config, hubert_config, qwen_config):
-        super().__init__()
-        self.clip = transformers.CLIPVisionModel(clip_config)
-        self.hubert = transformers.HubertModel(hubert_config)
-        self.position_embedding = torch.nn.Parameter(torch.zeros(1, FRAMES, clip_config.hidden_size))
-        self.visual_alignment_layer = torch.nn.ModuleList(TorchCLIPLayer(clip_config) for _ in range(2))
-        self.audio_alignment_layer = torch.nn.ModuleList(TorchHubertLayer(hubert_config) for _ in range(2))
-        self.visual_llm_project = torch.nn.Linear(clip_config.hidden_size, qwen_config.hidden_size)
-        self.audio_llm_project = torch.nn.Linear(hubert_config.hidden_size, qwen_config.hidden_size)
-        self.llm = transformers.Qwen3ForCausalLM(qwen_config)
-
-    def video_tokens(self, frames_nhwc):
-        b, f = frames_nhwc.shape[:2]
-        pixels = frames_nhwc.reshape(b * f, IMAGE, IMAGE, 3).permute(0, 3, 1, 2)
-        x = self.clip(pixel_values=pixels).last_hidden_state[:, 0].reshape(b, f, -1) + self.position_embedding
-        for layer in self.visual_alignment_layer:
-            x = layer(x, None)
-        return self.visual_llm_project(x)
-
-    def audio_tokens(self, audio, audio_mask):
-        audio, audio_mask = audio[:, :MAX_SAMPLES], audio_mask[:, :MAX_SAMPLES]
-        hidden = self.hubert(audio, attention_mask=audio_mask).last_hidden_state
-        lengths = self.hubert._get_feat_extract_output_lengths(audio_mask.sum(-1))
-        mask = (torch.arange(hidden.shape[1])[None, :] < lengths[:, None]).float()
-        x = hidden * mask[..., None]
-        bias = (1.0 - mask[:, None, None, :]) * torch.finfo(x.dtype).min
-        for layer in self.audio_alignment_layer:
-            x = layer(x, attention_mask=bias)
-        return [t[:n] for t, n in zip(self.audio_llm_project(x * mask[..., None]), lengths.tolist())]
-
-    def forward(self, tokenizer, frames, audio, audio_mask):
-        embed = self.llm.get_input_embeddings()
-        text_ids = lambda s: torch.tensor(tokenizer.encode(s, add_special_tokens=False), dtype=torch.long)  # noqa: E731
-        video, sound = self.video_tokens(frames), self.audio_tokens(audio, audio_mask)
-        rows, labels = [], []
-        for b, (audio_len, has_video, subtitle, target) in enumerate(SAMPLES):
-            text = prompt.PROMPT_TEMPLATE.format(subtitle=subtitle, instruction=INSTRUCTION)
-            pieces: list = [text]
-            slots = ((audio_len, "<AudioHere>", sound[b]), (has_video, "<VideoHere>", video[b]))
-            for present, placeholder, tokens in slots:
-                if present:
-                    before, after = pieces.pop().split(placeholder)
-                    pieces += [before, tokens, after]
-            parts = [embed(torch.tensor([tokenizer.pad_token_id]))]
-            parts += [embed(text_ids(p)) if isinstance(p, str) else p for p in pieces]
-            condition = sum(p.shape[0] for p in parts)
-            target_ids = torch.cat([text_ids(target), torch.tensor([tokenizer.eos_token_id])])
-            rows.append(torch.cat(parts + [embed(target_ids)]))
-            labels.append(torch.cat([torch.full((condition,), -100), target_ids]))
-        length = max(r.shape[0] for r in rows)
-        embeds = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows])
-        mask = torch.stack([(torch.arange(length) < r.shape[0]).long() for r in rows])
-        pad = torch.nn.functional.pad
-        label_batch = torch.stack([pad(lab, (0, length - lab.shape[0]), value=-100) for lab in labels])
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=label_batch)
-        return out.loss, out.logits, [r.shape[0] for r in rows]
-
-
-def load_into(model: XEmoGPT, reference: TorchXEmoGPT) -> None:
-    for part, tensors, key_map in (
-        (model.vision_tower, torch_state(reference.clip, ""), clip_params.vision_key_map),
-        (model.audio_tower, torch_state(reference.hubert, ""), hubert_params.hubert_key_map()),
-        (model.llm, torch_state(reference.llm, ""), qwen3_params.hf_key_map),
-    ):
-        missing = hf_io.assign(part, tensors, key_map).missing
-        assert not [name for name in missing if "/lora_" not in name]
-    tensors = [(("vecb", "position_embedding"), reference.position_embedding.detach().numpy()[0])]
-    for name in ("visual_alignment_layer", "audio_alignment_layer", "visual_llm_project", "audio_llm_project"):
-        prefix = {"visual_alignment_layer": "vecb.", "audio_alignment_layer": "aecb."}.get(name, "")
-        tensors += linear_and_norm_tensors(getattr(reference, name), prefix + name)
-    assign_paths(model, tensors)
+def release_forward(reference: TorchXEmoGPT, tokenizer, frames, audio, audio_mask):
+    """The release's sequence building, one sample at a time: text pieces around the feature tokens."""
+    embed = reference.llm.get_input_embeddings()
+    text_ids = lambda s: torch.tensor(tokenizer.encode(s, add_special_tokens=False), dtype=torch.long)  # noqa: E731
+    video = reference.video_tokens(frames)
+    sound, frame_mask = reference.audio_tokens(audio[:, :MAX_SAMPLES], audio_mask[:, :MAX_SAMPLES])
+    rows, labels = [], []
+    for b, (audio_len, has_video, subtitle, target) in enumerate(SAMPLES):
+        text = prompt.PROMPT_TEMPLATE.format(subtitle=subtitle, instruction=INSTRUCTION)
+        pieces: list = [text]
+        valid_sound = sound[b, : int(frame_mask[b].sum())]
+        slots = ((audio_len, "<AudioHere>", valid_sound), (has_video, "<VideoHere>", video[b]))
+        for present, placeholder, tokens in slots:
+            if present:
+                before, after = pieces.pop().split(placeholder)
+                pieces += [before, tokens, after]
+        parts = [embed(torch.tensor([tokenizer.pad_token_id]))]
+        parts += [embed(text_ids(p)) if isinstance(p, str) else p for p in pieces]
+        condition = sum(p.shape[0] for p in parts)
+        target_ids = torch.cat([text_ids(target), torch.tensor([tokenizer.eos_token_id])])
+        rows.append(torch.cat(parts + [embed(target_ids)]))
+        labels.append(torch.cat([torch.full((condition,), -100), target_ids]))
+    length = max(r.shape[0] for r in rows)
+    embeds = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows])
+    mask = torch.stack([(torch.arange(length) < r.shape[0]).long() for r in rows])
+    pad = torch.nn.functional.pad
+    label_batch = torch.stack([pad(lab, (0, length - lab.shape[0]), value=-100) for lab in labels])
+    out = reference.llm(inputs_embeds=embeds, attention_mask=mask, labels=label_batch)
+    return out.loss, out.logits, [r.shape[0] for r in rows]
 
 
 def randomize_lora_and_merge_into(model: XEmoGPT, reference: TorchXEmoGPT, seed: int) -> None:
@@ -153,7 +107,7 @@ def setup():
     tokenizer = byte_tokenizer()
     clip_hf, hubert_hf, qwen_hf = hf_configs(tokenizer)
     torch.manual_seed(0)
-    reference = TorchXEmoGPT(clip_hf, hubert_hf, qwen_hf).eval()
+    reference = TorchXEmoGPT(clip_hf, hubert_hf, qwen_hf, num_frames=FRAMES).eval()
     randomize(reference, seed=0)
     config = XEmoGPTConfig(
         vision=CLIPVisionConfig.from_hf(clip_hf.to_dict()),
@@ -162,7 +116,7 @@ def setup():
         num_frames=FRAMES, max_audio_samples=MAX_SAMPLES, align_dim=16, video_text_dim=8, audio_text_dim=8,
     )
     model = build_filled(lambda: XEmoGPT(config, rngs=nnx.Rngs(0)))
-    load_into(model, reference)
+    assert not [name for name in load_into(model, reference) if "/lora_" not in name]
     randomize_lora_and_merge_into(model, reference, seed=1)
 
     rng = np.random.default_rng(0)
@@ -182,7 +136,9 @@ def setup():
         )
     batch = prompt.collate(samples, buckets=(128, 384, 512), pad_id=tokenizer.pad_token_id)
     with torch.no_grad():
-        want_loss, want_logits, lengths = reference(tokenizer, to_torch(frames), to_torch(audio), to_torch(audio_mask))
+        want_loss, want_logits, lengths = release_forward(
+            reference, tokenizer, to_torch(frames), to_torch(audio), to_torch(audio_mask)
+        )
     inputs = {k: v for k, v in batch.items() if k != "condition_length"}
     return dict(
         model=model, inputs=inputs, frames=frames, audio=audio, audio_mask=audio_mask, samples=samples,

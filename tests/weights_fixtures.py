@@ -19,6 +19,7 @@ from transformers.models.hubert.modeling_hubert import HubertEncoderLayer
 
 from tests.qwen_fixtures import save_tiny_hf
 from tools import import_weights
+from xemogpt_jax.testing.torch_reference import randomize
 
 FRAMES, IMAGE, ALIGN, TEXT_DIM, RANK, ALPHA = 4, 28, 16, 16, 4, 8.0
 TINY_CONFIG = f'''
@@ -34,20 +35,6 @@ def get_config(variant=""):
     ))
     return c
 '''
-
-
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (LoRA B too, so adapters matter): matrices ~ N(0, 1/fan_in), vectors small noise."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim >= 2:
-                p.copy_(noise / math.sqrt(math.prod(p.shape[1:])))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
 
 
 def tiny_clip() -> transformers.CLIPModel:
