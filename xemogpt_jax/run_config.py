@@ -97,7 +97,8 @@ def xemogpt_config(run: RunConfig, tokenizer: Any = None) -> XEmoGPTConfig:
     dtype = parse_dtype(run.get("dtype", "float32"))
     model, data = run.get("model", {}), run.get("data", {})
     llm = Qwen3Config.from_hf(
-        architecture(run, "llm"), dtype=dtype, remat=bool(model.get("remat", False)), lora=lora_config(run)
+        architecture(run, "llm"), dtype=dtype, remat=bool(model.get("remat", False)),
+        unroll_layers=bool(model.get("unroll_layers", False)), lora=lora_config(run),
     )
     if tokenizer is not None:
         llm = llm.replace(

@@ -34,6 +34,17 @@ def param(
     return nnx.Param(init(key, tuple(shape), dtype), logical_axes=tuple(axes))
 
 
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x [..., in] @ kernel [in, out]`` with the leading axes merged into one first.
+
+    The kernel's gradient then contracts a single token axis. Left ``[B, T, in]``, it contracts
+    (batch, length) jointly, which XLA's CPU backend lowers through element-by-element transposing
+    copies of the activations (18% of a 512-wide stage-3 step on 2 cores); merged, one plain matmul.
+    """
+    out = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel)
+    return out.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel + bias`` with a (in, out) kernel."""
 
@@ -55,7 +66,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
-        y = jnp.matmul(x.astype(dtype), self.kernel[...].astype(dtype))
+        y = matmul(x.astype(dtype), self.kernel[...].astype(dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
@@ -112,7 +123,7 @@ class Embed(nnx.Module):
         return jnp.take(table, ids, axis=0).astype(dtype or table.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.matmul(x, self.embedding[...].astype(x.dtype).T)
+        return matmul(x, self.embedding[...].astype(x.dtype).T)
 
 
 def key_mask_bias(mask: jax.Array) -> jax.Array:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xemogpt_jax.models.layers import DType, Initializer, Linear, default_init
+from xemogpt_jax.models.layers import DType, Initializer, Linear, default_init, matmul
 
 
 class LoraParam(nnx.Param):
@@ -86,7 +86,7 @@ class LoraLinear(Linear):
         if dropout_key is not None and self.lora_dropout > 0:
             keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, h.shape)
             h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(h.dtype)
-        delta = jnp.matmul(jnp.matmul(h, self.lora_a[...].astype(y.dtype)), self.lora_b[...].astype(y.dtype))
+        delta = matmul(matmul(h, self.lora_a[...].astype(y.dtype)), self.lora_b[...].astype(y.dtype))
         return y + delta * jnp.asarray(self.lora_scale, y.dtype)
 
 

@@ -53,6 +53,10 @@ class Qwen3Config:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    # Unroll the layer scan: no stacked-buffer initialisation and slicing (11% of an 8-layer, 512-wide
+    # stage-3 step on 2 CPU cores), and XLA's cost analysis, which counts a loop body once, then counts
+    # every layer; compile time grows with the depth.
+    unroll_layers: bool = False
     lora: lora_lib.LoraConfig | None = None
 
     @classmethod
@@ -369,7 +373,7 @@ class Qwen3ForCausalLM(nnx.Module):
         if c.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
         kv_xs = None if cache is None else (cache.k, cache.v)
-        x, updated = jax.lax.scan(body, x, (layer_state, kv_xs, layer_keys))
+        x, updated = jax.lax.scan(body, x, (layer_state, kv_xs, layer_keys), unroll=c.unroll_layers)
         x = self.norm(x)
         if cache is None:
             return x, None
