@@ -18,7 +18,7 @@ from configs import common
 def clip_architecture(variant: str) -> ml_collections.ConfigDict:
     """HF ``CLIPConfig`` fields; used when ``init_from.clip`` is empty (else the folder's config.json wins)."""
     if variant == "tiny":
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       image_size=64, patch_size=16, hidden_act="quick_gelu")
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     vocab_size=2048, max_position_embeddings=77, eos_token_id=1, hidden_act="quick_gelu")
