@@ -99,9 +99,12 @@ def causal_lm_cross_entropy(
     of the global batch, number of target tokens), so logging can weight by tokens.
     """
     weights = (labels != ignore_index).astype(jnp.float32)
-    targets = jnp.where(labels == ignore_index, 0, labels).astype(jnp.int32)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    logits = logits.astype(jnp.float32)
+    # logsumexp minus the target's logit, picked by comparison rather than a gather: the backward is
+    # then elementwise (softmax - one-hot) instead of a scatter into a zeroed [B, L, V] array.
+    is_target = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+    token_nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
     count = jnp.sum(weights)
     return jnp.sum(token_nll * weights) / jnp.maximum(count, 1.0), count
 
