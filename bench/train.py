@@ -7,7 +7,9 @@ backward, clipping, AdamW) of
 - ours: the jitted step of :mod:`xemogpt_jax.trainer` on one device;
 - PyTorch: :class:`xemogpt_jax.testing.torch_reference.TorchXEmoGPT` (CLIPVisionModel, HubertModel,
   CLIPEncoderLayer / HubertEncoderLayer bridges, Qwen3ForCausalLM; transformers' default SDPA
-  attention) with the same trainable set, the same clipping and AdamW, in eager mode.
+  attention) with the same trainable set, the same clipping and AdamW, in eager mode, on 2 threads
+  and on 1 (each its own copy of the weights); the speed ratio is against the faster of the two,
+  since on a loaded machine every 2-thread op can wait a scheduler slice for its second thread.
 
 Both start from the same random weights (copied from the PyTorch model into ours), so their first
 losses must agree; the bench prints both. Sizes:
@@ -17,16 +19,27 @@ losses must agree; the bench prints both. Sizes:
   512 wide x 8 layers (8 query / 4 KV heads of 64, SwiGLU 1536), CLIP vision and HuBERT towers
   (and the bridges built from them) 256 wide x 2 layers with a 1024 MLP, HuBERT convs 128 wide.
 
+Both sizes run with ``model.unroll_layers`` (the LLM's layer scan unrolled): at 2-8 layers it
+compiles quickly and saves the scan's stacked-buffer initialisation and slicing (about 10% of the
+small step), and XLA's cost analysis, which counts a loop body once, then counts every layer.
+
 Printed per size: s/step, samples/s and tokens/s (real tokens) of both, their ratio, and our
-achieved FLOP/s (XLA cost analysis of the step) as a fraction of this machine's fp32 matmul peak,
-measured in the same process as the best of JAX's and PyTorch's best-of-3 square matmuls (2048 and
-4096). Numbers, not assertions: nothing here is a test.
+achieved FLOP/s (XLA cost analysis of the compiled step) as a fraction of this machine's fp32 matmul
+peak, measured in the same process just before and just after the size's steps (the larger counts):
+the best of JAX's and PyTorch's best-of-3 square fp32 matmuls (2048 and 4096). The
+implementations' timed steps alternate. The same ratio per CPU-second (process CPU time over all
+threads, for the step and for the matmul) is printed too: on a shared machine, wall time measures
+the share of the cores the process got as much as the code. Load averages are printed beside each size: the
+machine may be shared, and a contended PyTorch (OpenMP barriers) slows far more than XLA does.
+Numbers, not assertions: nothing here is a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,6 +59,7 @@ from xemogpt_jax.metrics import compiled_flops
 from xemogpt_jax.testing.torch_reference import TorchXEmoGPT, load_into, randomize
 
 SIZES = ("tiny", "small")
+PYTORCH_THREADS = (2, 1)  # on a shared machine, 2-thread OpenMP barriers can stall for a scheduler slice per op
 TORCH_FIELDS = ("token_ids", "kind", "feature_index", "labels", "attention_mask", "positions")
 
 
@@ -70,6 +84,7 @@ def stage3_config(world: Path, batch_size: int, size: str) -> ml_collections.Con
     config = sft.get_config("tiny")
     if size == "small":
         widen(config)
+    config.model.unroll_layers = True  # see the module docstring
     config.data.train_dir = str(world / "train")
     config.init_from.tokenizer = str(world / "tokenizer")
     config.data.batch_size = batch_size
@@ -78,14 +93,36 @@ def stage3_config(world: Path, batch_size: int, size: str) -> ml_collections.Con
     return config
 
 
-def time_steps(step: Callable[[], float], count: int) -> tuple[float, float]:
-    """(seconds per step after two warm-up steps (compilation, allocator), the first step's loss)."""
-    first_loss = step()
-    step()
-    start = time.perf_counter()
-    for _ in range(count):
+@dataclasses.dataclass
+class Timing:
+    """Seconds of one run: wall clock, and this process's CPU time over all its threads."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+
+def timed(run: Callable[[], object]) -> Timing:
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def time_interleaved(steps: dict[str, Callable[[], float]], count: int) -> dict[str, tuple[Timing, float]]:
+    """Per implementation (mean Timing of a step, first step's loss), the implementations' steps alternating.
+
+    Two warm-up steps each (compilation, allocator) are not timed; alternating the timed steps lets
+    all see the same load when the machine is shared.
+    """
+    first = {name: step() for name, step in steps.items()}
+    for step in steps.values():
         step()
-    return (time.perf_counter() - start) / count, first_loss
+    total = {name: Timing() for name in steps}
+    for _ in range(count):
+        for name, step in steps.items():
+            one = timed(step)
+            total[name].wall += one.wall / count
+            total[name].cpu += one.cpu / count
+    return {name: (total[name], first[name]) for name in steps}
 
 
 def torch_reference(config: ml_collections.ConfigDict, seed: int) -> TorchXEmoGPT:
@@ -95,13 +132,15 @@ def torch_reference(config: ml_collections.ConfigDict, seed: int) -> TorchXEmoGP
                                           for k, v in config.model.hubert.to_dict().items()})
     llm = transformers.Qwen3Config(**config.model.llm.to_dict())
     torch.manual_seed(seed)
-    reference = TorchXEmoGPT(clip, hubert, llm, num_frames=config.model.num_frames, bridge_layers=config.model.bridge_layers)
+    reference = TorchXEmoGPT(
+        clip, hubert, llm, num_frames=config.model.num_frames, bridge_layers=config.model.bridge_layers
+    )
     randomize(reference, seed)
     return reference.freeze_towers()
 
 
-def ours(config: ml_collections.ConfigDict, task: trainer.Task, local: dict, reference: TorchXEmoGPT, steps: int):
-    """(s/step, first loss, FLOPs of the compiled step) of our jitted step on one device."""
+def ours(config: ml_collections.ConfigDict, task: trainer.Task, local: dict, reference: TorchXEmoGPT):
+    """(step -> loss, FLOPs of the compiled step): our jitted step on one device, as the trainer runs it."""
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     task = dataclasses.replace(task, load_pretrained=lambda model, mesh: load_into(model, reference, mesh))
     engine = trainer.build_engine(task, optim.make_optimizer(config.optim, config.train.steps), mesh, config.seed)
@@ -109,16 +148,18 @@ def ours(config: ml_collections.ConfigDict, task: trainer.Task, local: dict, ref
         batch = trainer.global_batch(local, mesh, task.pad_values)
         flops = compiled_flops(engine.step_fn.lower(engine.trained, engine.frozen, batch))
 
-        def step() -> float:
+    def step() -> float:
+        with jax.set_mesh(mesh):
             engine.trained, out = engine.step_fn(engine.trained, engine.frozen, batch)
-            return float(out["loss"])
+        return float(out["loss"])
 
-        seconds, first_loss = time_steps(step, steps)
-    return seconds, first_loss, flops
+    return step, flops
 
 
-def pytorch(config: ml_collections.ConfigDict, local: dict, reference: TorchXEmoGPT, steps: int) -> tuple[float, float]:
-    """(s/step, first loss) of eager PyTorch: same trainable set, global-norm clipping and AdamW as ours."""
+def pytorch(
+    config: ml_collections.ConfigDict, local: dict, reference: TorchXEmoGPT, threads: int
+) -> Callable[[], float]:
+    """Eager PyTorch's step -> loss on ``threads`` threads: same trainable set, clipping and AdamW as ours."""
     trainable = [p for p in reference.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.optim.learning_rate, betas=(config.optim.b1, config.optim.b2),
                                   eps=config.optim.eps, weight_decay=config.optim.weight_decay)
@@ -129,6 +170,7 @@ def pytorch(config: ml_collections.ConfigDict, local: dict, reference: TorchXEmo
     reference.eval()  # no dropout (ours has none); autograd works the same
 
     def step() -> float:
+        torch.set_num_threads(threads)
         optimizer.zero_grad(set_to_none=True)
         loss = reference(**batch, **media)
         loss.backward()
@@ -136,30 +178,27 @@ def pytorch(config: ml_collections.ConfigDict, local: dict, reference: TorchXEmo
         optimizer.step()
         return loss.item()
 
-    return time_steps(step, steps)
+    return step
 
 
-def best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+def matmul_peak(when: str) -> Timing:
+    """The machine's fp32 matmul FLOP per wall second and per CPU second (``Timing`` fields hold rates).
 
-
-def matmul_peak() -> float:
-    """The machine's fp32 matmul FLOP/s: the best of JAX's and PyTorch's square matmuls (printed)."""
+    Each is the best over JAX's and PyTorch's best-of-3 square matmuls; measured before and after a
+    size's steps, the larger one counting, so a lull in the load cannot flatter the ratio.
+    """
+    torch.set_num_threads(max(PYTORCH_THREADS))
     rates = {}
     for n in (2048, 4096):
-        a = jnp.ones((n, n), jnp.float32)
+        a, t = jnp.ones((n, n), jnp.float32), torch.ones(n, n)
         dot = jax.jit(lambda x: x @ x)
-        rates[f"JAX {n}"] = 2 * n**3 / best_seconds(lambda: dot(a).block_until_ready())
-        t = torch.ones(n, n)
-        rates[f"PyTorch {n}"] = 2 * n**3 / best_seconds(lambda: t @ t)
-    print("fp32 matmul GFLOP/s (best of 3): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items()))
-    return max(rates.values())
+        for name, run in ((f"JAX {n}", lambda: dot(a).block_until_ready()), (f"PyTorch {n}", lambda: t @ t)):
+            run()
+            runs = [timed(run) for _ in range(3)]
+            rates[name] = Timing(2 * n**3 / min(r.wall for r in runs), 2 * n**3 / min(r.cpu for r in runs))
+    print(f"fp32 matmul GFLOP/s {when} (best of 3, wall / CPU-second): "
+          + ", ".join(f"{k} {v.wall / 1e9:.1f} / {v.cpu / 1e9:.1f}" for k, v in rates.items()))
+    return Timing(max(r.wall for r in rates.values()), max(r.cpu for r in rates.values()))
 
 
 def describe(config: ml_collections.ConfigDict) -> str:
@@ -169,38 +208,50 @@ def describe(config: ml_collections.ConfigDict) -> str:
             f"{hubert.num_hidden_layers}, bridges {config.model.bridge_layers} layers each")
 
 
-def bench_size(size: str, world: Path, batch_size: int, steps: int, peak: float) -> None:
+def bench_size(size: str, world: Path, batch_size: int, steps: int) -> None:
+    """Build both implementations of one size on the same batch and weights, time them, print the table."""
     config = stage3_config(world, batch_size, size)
     task = stages.task_for(config)
     local = next(task.train_data(0, 1))
     tokens = int(np.sum(local["attention_mask"]))
     reference = torch_reference(config, seed=0)
-    jax_seconds, jax_loss, flops = ours(config, task, local, reference, steps)
-    torch_seconds, torch_loss = pytorch(config, local, reference, steps)
+    print(f"\nstage-3 train step, {size}: {describe(config)}; load average {os.getloadavg()[0]:.1f}")
+    ours_step, flops = ours(config, task, local, reference)
+    steppers = {"ours (JAX)": ours_step}
+    for threads in PYTORCH_THREADS:
+        steppers[f"PyTorch, {threads} thread{'s' * (threads > 1)}"] = pytorch(
+            config, local, copy.deepcopy(reference), threads
+        )
+    before = matmul_peak("before")
+    results = time_interleaved(steppers, steps)
+    after = matmul_peak("after")
+    peak = Timing(max(before.wall, after.wall), max(before.cpu, after.cpu))
     batch, width = local["token_ids"].shape
-    print(f"\nstage-3 train step, {size}: {describe(config)}")
-    print(f"batch {batch} x {width} positions ({tokens} real tokens), {jax.devices()[0].platform} x1, "
-          f"torch {torch.get_num_threads()} threads")
-    print(f"{'':<22}{'s/step':>10}{'samples/s':>12}{'tokens/s':>12}{'first loss':>12}")
-    for name, seconds, loss in (("ours (JAX)", jax_seconds, jax_loss), ("PyTorch composition", torch_seconds, torch_loss)):
-        print(f"{name:<22}{seconds:>10.4f}{batch / seconds:>12.2f}{tokens / seconds:>12.1f}{loss:>12.4f}")
-    print(f"speed ratio ours / PyTorch: {torch_seconds / jax_seconds:.2f}x")
+    print(f"batch {batch} x {width} positions ({tokens} real tokens), {jax.devices()[0].platform} x1")
+    print(f"{'':<22}{'s/step':>10}{'samples/s':>12}{'tokens/s':>12}{'CPU s/step':>12}{'first loss':>12}")
+    for name, (step, loss) in results.items():
+        print(f"{name:<22}{step.wall:>10.4f}{batch / step.wall:>12.2f}{tokens / step.wall:>12.1f}"
+              f"{step.cpu:>12.3f}{loss:>12.4f}")
+    jax_step = results.pop("ours (JAX)")[0]
+    torch_seconds = min(step.wall for step, _ in results.values())
+    print(f"speed ratio ours / faster PyTorch: {torch_seconds / jax_step.wall:.2f}x "
+          f"(load average now {os.getloadavg()[0]:.1f})")
     if flops:
-        achieved = flops / jax_seconds
-        print(f"our step: {flops / 1e9:.2f} GFLOP (XLA cost analysis) -> {achieved / 1e9:.2f} GFLOP/s = "
-              f"{achieved / peak:.3f} of the {peak / 1e9:.1f} GFLOP/s matmul peak")
+        print(f"our step: {flops / 1e9:.2f} GFLOP (XLA cost analysis) -> {flops / jax_step.wall / 1e9:.2f} GFLOP/s = "
+              f"{flops / jax_step.wall / peak.wall:.3f} of the {peak.wall / 1e9:.1f} GFLOP/s matmul peak; per "
+              f"CPU-second {flops / jax_step.cpu / 1e9:.2f} = {flops / jax_step.cpu / peak.cpu:.3f} of the "
+              f"matmul's {peak.cpu / 1e9:.1f}")
 
 
 def main() -> None:
     args = parse_args()
     print(f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
-    peak = matmul_peak()
     with tempfile.TemporaryDirectory() as tmp:
         world = Path(args.world) if args.world else Path(tmp) / "world"
         if not args.world:
             synth.write_world(world, num_clips=24, seed=0)
         for size in SIZES if args.size == "both" else (args.size,):
-            bench_size(size, world, args.batch_size, args.steps, peak)
+            bench_size(size, world, args.batch_size, args.steps)
 
 
 if __name__ == "__main__":
