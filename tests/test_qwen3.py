@@ -158,10 +158,12 @@ def test_remat_and_bf16_options():
     def loss(m):
         return jnp.mean(jax.nn.log_softmax(m(ids))[..., 0])
 
+    unrolled = Qwen3ForCausalLM(_tiny_config(unroll_layers=True), rngs=nnx.Rngs(0))
     g_plain = nnx.jit(nnx.grad(loss))(plain)
-    g_remat = nnx.jit(nnx.grad(loss))(remat)
-    for (p, a), (_, b) in zip(nnx.to_flat_state(g_plain), nnx.to_flat_state(g_remat)):
-        np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), atol=1e-6, err_msg=str(p))
+    for other in (remat, unrolled):
+        g_other = nnx.jit(nnx.grad(loss))(other)
+        for (p, a), (_, b) in zip(nnx.to_flat_state(g_plain), nnx.to_flat_state(g_other)):
+            np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), atol=1e-6, err_msg=str(p))
     assert bf16.embed(ids).dtype == jnp.bfloat16
     assert bf16.layers.mlp.up_proj.kernel.get_value().dtype == jnp.float32
     out = _forward(bf16, ids)
