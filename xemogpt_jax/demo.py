@@ -116,26 +116,36 @@ def exact_cue_recall(predicted: dict[str, Any], ground_truth: dict[str, Any]) ->
     return {axis: sum(hits) / len(hits) for axis, hits in found.items() if hits}
 
 
-def evaluate(stage3: Path, world: Path, count: int, max_new_tokens: int,
-             withhold_audio: bool = False) -> tuple[dict[str, str], dict[str, Any]]:
-    """Explanations of held-out clips and the cue lists the ``rules`` extractor takes from them.
+def explain(model: Any, clips: list[Any], max_new_tokens: int) -> dict[str, str]:
+    """Greedy explanations of ``clips``, eight at a time, by clip id."""
+    from xemogpt_jax import explainer
 
-    ``withhold_audio`` explains only the clips with video, from their frames alone: in this world a
-    clip's modalities always agree, so a model could name visual cues from the voice instead of seeing them.
+    decoding = explainer.Decoding(max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+    texts = {}
+    for start in range(0, len(clips), 8):
+        chunk = clips[start : start + 8]
+        texts.update(zip([c.clip_id for c in chunk], model.explain(chunk, decoding)))
+    return texts
+
+
+def evaluate(stage3: Path, world: Path, count: int, max_new_tokens: int,
+             frames_only: bool = False) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+    """Explanations of held-out clips, the cue lists the ``rules`` extractor takes from them, and (with
+    ``frames_only``) the cue lists of the clips with video explained again with their audio withheld.
+
+    In this world a clip's modalities always agree, so a model could name visual cues from the voice
+    instead of seeing them; the frames-only pass shows what it sees.
     """
     from xemogpt_jax import explainer
     from xemogpt_jax.cue_extraction import rules_cues
 
     model = explainer.load(stage3, tokenizer=world / "tokenizer")
     clips = heldout_clips(world, count)
-    if withhold_audio:
-        clips = [dataclasses.replace(c, audio=None) for c in clips if c.frames is not None]
-    decoding = explainer.Decoding(max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
-    texts = {}
-    for start in range(0, len(clips), 8):
-        chunk = clips[start : start + 8]
-        texts.update(zip([c.clip_id for c in chunk], model.explain(chunk, decoding)))
-    return texts, {name: rules_cues(text) for name, text in texts.items()}
+    texts = explain(model, clips, max_new_tokens)
+    silent = [dataclasses.replace(c, audio=None) for c in clips if c.frames is not None] if frames_only else []
+    seen = explain(model, silent, max_new_tokens)
+    cues = lambda found: {name: rules_cues(text) for name, text in found.items()}  # noqa: E731
+    return texts, cues(texts), cues(seen)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     from xemogpt_jax import emocue360
 
     print("[demo] explaining held-out clips and scoring them with EmoCue-360", flush=True)
-    texts, predicted = evaluate(runs["stage 3 (SFT)"], world, args.eval_clips, args.max_new_tokens)
+    texts, predicted, frames_only = evaluate(runs["stage 3 (SFT)"], world, args.eval_clips, args.max_new_tokens,
+                                             frames_only=True)
     ground_truth = json.loads((world / "heldout_cues.json").read_text())
     tables = {"stages 1-2-3": predicted}
     if args.ablate_pretraining:
@@ -184,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
             runs["stage 3 w/o 1-2"], world, args.eval_clips, args.max_new_tokens
         )[1]
     tables["chance (each clip scored with another clip's true cues)"] = chance_cues(ground_truth, list(texts))
-    _, frames_only = evaluate(runs["stage 3 (SFT)"], world, args.eval_clips, args.max_new_tokens, withhold_audio=True)
     embed = emocue360.jax_embedder(emocue360.default_embedder_dir())
     scores = {name: emocue360.score(cues, ground_truth, embed) for name, cues in tables.items()}
 
