@@ -56,6 +56,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.video_text_dim = video.clip.projection_dim
     c.model.audio_text_dim = audio.text_dim
     c.model.remat = True  # rematerialise LLM layers in the backward pass
+    c.model.unroll_layers = False  # True unrolls the LLM layer scan: faster at a few layers, slower to compile
     c.model.lora = ml_collections.ConfigDict(dict(rank=512, alpha=512.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))
     c.model.train_bridges = True  # False: bridges frozen in stage 3
     c.model.train_encoders = False  # True: CLIP vision + HuBERT train too, from stages 1-2 (tiny only)
