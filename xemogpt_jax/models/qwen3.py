@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from xemogpt_jax.models import lora as lora_lib
+from xemogpt_jax.models.attention import attention
 from xemogpt_jax.models.layers import DType, Embed, Linear, RMSNorm, activation, default_init
 from xemogpt_jax.sharding import constrain
 
@@ -222,7 +223,7 @@ class Attention(nnx.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
             updated = (cache_k, cache_v)
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=attend, scale=c.head_dim**-0.5, implementation="xla")
+        out = attention(q, k, v, attend, c.head_dim**-0.5)
         out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
         return self.o_proj(out, dropout_key=_dropout_key(dropout_key, 3)), updated
 
