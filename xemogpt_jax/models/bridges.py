@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xemogpt_jax.models.clip import CLIPEncoderConfig, CLIPEncoderLayer
+from xemogpt_jax.models.clip import HIDDEN_AXES, CLIPEncoderConfig, CLIPEncoderLayer
 from xemogpt_jax.models.hubert import HubertConfig, HubertEncoderLayer
 from xemogpt_jax.models.layers import DType, Linear, default_init, key_mask_bias, param
+from xemogpt_jax.sharding import constrain
 
 ALIGN_DIM = 768  # width of the bridge-pretraining embedding space (both sides of the contrastive losses)
 
@@ -116,7 +117,11 @@ class VECB(nnx.Module):
             frames = jnp.where(masked_frames[..., None], jnp.zeros((), frames.dtype), frames)
         if frames.shape[1] != self.config.num_frames:
             raise ValueError(f"VECB expects {self.config.num_frames} frames, got {frames.shape[1]}")
-        x = frames + self.position_embedding[...].astype(frames.dtype)
+        # Pinned to batch sharding as the CLIP towers pin their inputs. Left to propagation, the CLIP
+        # features arrive split over ``tensor`` on the feature axis, and XLA (0.10.2, CPU, (2, 2, 2) mesh,
+        # width 64) then adds each layer's attention output to the wrong sample's residual (samples on
+        # (data, fsdp) = (0, 1) and (1, 0) swapped).
+        x = constrain(frames + self.position_embedding[...].astype(frames.dtype), HIDDEN_AXES)
         for layer in self.visual_alignment_layer:
             x = layer(x)
         return x
