@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from xemogpt_jax.models import attention as attention_module
 from xemogpt_jax.models.attention import attention
 
 
@@ -31,21 +32,27 @@ def _reference(q, k, v, mask, scale):
 
 
 @pytest.mark.parametrize(
-    "batch, queries, keys, heads, kv_heads, dim",
-    [(3, 17, 17, 4, 2, 8), (2, 9, 9, 3, 3, 16), (2, 5, 12, 6, 1, 8)],
-    ids=["grouped", "one-head-per-kv", "cache-shaped"],
+    "batch, queries, keys, heads, kv_heads, dim, causal",
+    [(3, 17, 17, 4, 2, 8, False), (3, 17, 17, 4, 2, 8, True), (2, 9, 9, 3, 3, 16, True), (2, 5, 12, 6, 1, 8, False)],
+    ids=["grouped", "grouped-causal-blocks", "one-head-per-kv-causal-blocks", "cache-shaped"],
 )
-def test_attention_and_its_gradients_match_dot_product_attention(batch, queries, keys, heads, kv_heads, dim):
+def test_attention_and_its_gradients_match_dot_product_attention(
+    monkeypatch, batch, queries, keys, heads, kv_heads, dim, causal
+):
+    monkeypatch.setattr(attention_module, "CAUSAL_BLOCK", 4)  # several blocks, the last one short
     q, k, v, mask, out_weights = _inputs(batch, queries, keys, heads, kv_heads, dim, jnp.float32)
     scale = dim**-0.5
+
+    def ours_fn(q, k, v, mask, scale):
+        return attention(q, k, v, mask, scale, causal=causal)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v, mask, scale) * out_weights)
 
     with jax.default_matmul_precision("highest"):
-        np.testing.assert_allclose(attention(q, k, v, mask, scale), _reference(q, k, v, mask, scale),
+        np.testing.assert_allclose(ours_fn(q, k, v, mask, scale), _reference(q, k, v, mask, scale),
                                    rtol=1e-5, atol=1e-6)
-        ours = jax.jit(jax.grad(loss(attention), argnums=(0, 1, 2)))(q, k, v)
+        ours = jax.jit(jax.grad(loss(ours_fn), argnums=(0, 1, 2)))(q, k, v)
         reference = jax.jit(jax.grad(loss(_reference), argnums=(0, 1, 2)))(q, k, v)
     for name, a, b in zip("qkv", ours, reference):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
@@ -70,7 +77,10 @@ def test_bf16_inputs_keep_their_dtype_and_stay_close_to_fp32():
     np.testing.assert_allclose(out.astype(jnp.float32), _reference(q, k, v, mask, 0.25), atol=5e-2)
 
 
-def test_query_heads_must_split_evenly_over_kv_heads():
+def test_bad_shapes_are_refused_with_the_reason():
     q, k, v, mask, _ = _inputs(1, 4, 4, 3, 2, 8, jnp.float32)
     with pytest.raises(ValueError, match="3 query heads cannot share 2 KV heads"):
         attention(q, k, v, mask, 1.0)
+    q, k, v, mask, _ = _inputs(1, 4, 6, 2, 2, 8, jnp.float32)
+    with pytest.raises(ValueError, match="causal attention needs as many keys as queries, got 6 and 4"):
+        attention(q, k, v, mask, 1.0, causal=True)

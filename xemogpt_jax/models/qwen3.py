@@ -223,7 +223,7 @@ class Attention(nnx.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
             updated = (cache_k, cache_v)
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-        out = attention(q, k, v, attend, c.head_dim**-0.5)
+        out = attention(q, k, v, attend, c.head_dim**-0.5, causal=kv_slots is None)
         out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
         return self.o_proj(out, dropout_key=_dropout_key(dropout_key, 3)), updated
 
