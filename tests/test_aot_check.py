@@ -27,3 +27,7 @@ def test_aot_check_compiles_the_paper_scale_step_and_reports_memory():
     peak = float(re.search(r"peak ~ .* = ([\d.]+) GiB", out).group(1))
     # fp32 weights of ~5 B parameters sharded 4 ways by fsdp is ~4.6 GiB per device before activations
     assert 3.5 < arguments < 12 and peak > arguments
+    # FLOPs count every one of the 36 scanned layers: at least the LLM's forward and input-gradient matmuls,
+    # 3 x 2 x 3.6 B non-embedding parameters x 4096 tokens = 89 TFLOP (one layer's worth would be 2.5)
+    step_tflop = float(re.search(r"step FLOPs .*: ([\d.]+) TFLOP,", out).group(1))
+    assert 89 < step_tflop < 200

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_num_cpu_devices", math.prod(mesh_shape))
     from flax import nnx
 
-    from xemogpt_jax import optim, run_config, sharding, stages, trainer
+    from xemogpt_jax import metrics, optim, run_config, sharding, stages, trainer
     from xemogpt_jax.models.xemogpt import XEmoGPT
 
     config = load_config(args.config)
@@ -140,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  outputs                   {gib(outputs)}  ({gib(aliased).strip()} aliased to donated inputs)")
     print(f"  temporaries               {gib(temps)}")
     print(f"  peak ~ args + outputs - aliased + temps = {gib(arguments + outputs - aliased + temps).strip()}")
-    from xemogpt_jax.metrics import compiled_flops
-
-    flops = compiled_flops(compiled)
-    if flops:
-        print(f"step FLOPs per device (XLA cost analysis): {flops / 1e12:.2f} TFLOP")
+    with jax.set_mesh(mesh):
+        flops = metrics.traced_flops(step, trained_in, frozen_in, batch)
+    devices = math.prod(mesh_shape)
+    print(f"step FLOPs (matmuls and convolutions, every layer counted): {flops / 1e12:.1f} TFLOP, "
+          f"{flops / devices / 1e12:.1f} TFLOP per device")
     return 0
 
 

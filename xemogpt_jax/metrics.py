@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.extend as jex
 import tqdm
 from tensorboardX import SummaryWriter
 
@@ -25,16 +26,36 @@ def step_flops_from_params(total_params: int, trainable_params: int, tokens: int
     return float((4 * total_params + 2 * trainable_params) * tokens)
 
 
-def compiled_flops(lowered: Any) -> float | None:
-    """FLOPs of a lowered (or compiled) step per XLA's cost analysis (None when the backend gives none)."""
-    try:
-        analysis = lowered.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement cost analysis
-        return None
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+def jaxpr_flops(jaxpr: jex.core.Jaxpr | jex.core.ClosedJaxpr) -> float:
+    """FLOPs of the matmuls and convolutions in a jaxpr, a scan's body counted once per iteration.
+
+    XLA's cost analysis counts a loop body once, so a model whose layers run under ``lax.scan``
+    would show a fraction of its FLOPs (one layer's worth). Elementwise work is left out, as MFU
+    conventionally counts it. A ``cond`` counts its costliest branch, a ``while`` loop one trip.
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contracting)
+        elif name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape
+            out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(kernel) / out_features
+        inner = [jaxpr_flops(sub) for sub in jex.core.jaxprs_in_params(eqn.params)]
+        if name == "cond":
+            total += max(inner, default=0.0)
+        else:
+            total += eqn.params.get("length", 1) * sum(inner) if name == "scan" else sum(inner)
+    return total
+
+
+def traced_flops(jitted: Any, *args: Any) -> float:
+    """:func:`jaxpr_flops` of ``jitted(*args)`` (traced only: nothing is compiled or run)."""
+    return jaxpr_flops(jitted.trace(*args).jaxpr)
 
 
 def mfu(flops_per_step: float | None, step_seconds: float, peak_flops_per_device: float, num_devices: int) -> float:

@@ -238,9 +238,11 @@ def evaluate(engine: Engine, batches: Iterator[Batch], num_batches: int, pad_val
 
 
 def step_flops(engine: Engine, batch: Batch, config: ml_collections.ConfigDict, tokens: int) -> float | None:
-    """FLOPs of one train step, from the compiled step or the parameter-count rule (``perf.flops_from``)."""
-    if config.perf.flops_from == "compiled":
-        return metrics_lib.compiled_flops(engine.step_fn.lower(engine.trained, engine.frozen, batch))
+    """FLOPs of one train step, from the traced step or the parameter-count rule (``perf.flops_from``)."""
+    if config.perf.flops_from == "traced":
+        return metrics_lib.traced_flops(engine.step_fn, engine.trained, engine.frozen, batch)
+    if config.perf.flops_from != "params":
+        raise ValueError(f"perf.flops_from must be 'traced' or 'params', got {config.perf.flops_from!r}")
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     total = count(nnx.state(engine.model(), nnx.Param))
     trained_params = count(nnx.state(engine.model(), engine.trainable))
