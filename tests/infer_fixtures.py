@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from xemogpt_fixtures import byte_tokenizer
+from xemogpt_jax.testing.byte_tokenizer import byte_tokenizer
 
 from configs import sft
 from xemogpt_jax import checkpoint as checkpoint_lib

@@ -9,7 +9,8 @@ from transformers import HubertConfig as HFHubertConfig
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer as TorchCLIPLayer
 from transformers.models.hubert.modeling_hubert import HubertEncoderLayer as TorchHubertLayer
 
-from tests.xemogpt_fixtures import assign_paths, build_filled, linear_and_norm_tensors, to_torch
+from tests.xemogpt_fixtures import build_filled
+from xemogpt_jax.testing.torch_reference import assign_paths, linear_and_norm_tensors, to_torch
 from xemogpt_jax.models import bridges
 from xemogpt_jax.models.clip import CLIPEncoderConfig
 from xemogpt_jax.models.hubert import HubertConfig

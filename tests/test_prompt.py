@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from tests.xemogpt_fixtures import byte_tokenizer
+from xemogpt_jax.testing.byte_tokenizer import byte_tokenizer
 from xemogpt_jax import prompt
 
 SUBTITLE = "I can't believe it."

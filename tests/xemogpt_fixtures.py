@@ -1,7 +1,6 @@
-"""Tiny NNX models filled from the host, and the weight-copy helpers the bridge and XEmoGPT parity tests use.
+"""Tiny NNX models filled from the host for the bridge and XEmoGPT parity tests.
 
-The helpers live in :mod:`xemogpt_jax.testing` (the benchmarks use them too); they are re-exported here
-so the tests keep one import site.
+The weight-copy helpers and the byte tokenizer live in :mod:`xemogpt_jax.testing` (the benchmarks use them too).
 """
 
 from __future__ import annotations
@@ -12,11 +11,6 @@ from typing import TypeVar
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-from xemogpt_jax.testing.byte_tokenizer import byte_tokenizer
-from xemogpt_jax.testing.torch_reference import assign_paths, linear_and_norm_tensors, to_torch, torch_state
-
-__all__ = ["assign_paths", "build_filled", "byte_tokenizer", "linear_and_norm_tensors", "to_torch", "torch_state"]
 
 M = TypeVar("M", bound=nnx.Module)
 
