@@ -161,7 +161,8 @@ class AECB(nnx.Module):
         mask, and zeroed again after (post-norm layers would otherwise give them non-zero values).
         """
         valid = frame_mask.astype(bool)[..., None]
-        x = jnp.where(valid, hidden, jnp.zeros((), hidden.dtype))
+        # pinned to batch sharding for the reason given in VECB.__call__
+        x = constrain(jnp.where(valid, hidden, jnp.zeros((), hidden.dtype)), HIDDEN_AXES)
         bias = key_mask_bias(frame_mask.astype(bool))
         for layer in self.audio_alignment_layer:
             x = layer(x, bias)
