@@ -237,7 +237,7 @@ def evaluate(engine: Engine, batches: Iterator[Batch], num_batches: int, pad_val
     return float(np.mean(losses)) if losses else math.nan
 
 
-def step_flops(engine: Engine, batch: Batch, config: ml_collections.ConfigDict, tokens: int) -> float | None:
+def step_flops(engine: Engine, batch: Batch, config: ml_collections.ConfigDict, tokens: int) -> float:
     """FLOPs of one train step, from the traced step or the parameter-count rule (``perf.flops_from``)."""
     if config.perf.flops_from == "traced":
         return metrics_lib.traced_flops(engine.step_fn, engine.trained, engine.frozen, batch)

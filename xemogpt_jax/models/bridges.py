@@ -120,7 +120,7 @@ class VECB(nnx.Module):
         # Pinned to batch sharding as the CLIP towers pin their inputs. Left to propagation, the CLIP
         # features arrive split over ``tensor`` on the feature axis, and XLA (0.10.2, CPU, (2, 2, 2) mesh,
         # width 64) then adds each layer's attention output to the wrong sample's residual (samples on
-        # (data, fsdp) = (0, 1) and (1, 0) swapped).
+        # (data, fsdp) = (0, 1) and (1, 0) swapped; tools/xla_repro_swapped_residual.py shows it in plain JAX).
         x = constrain(frames + self.position_embedding[...].astype(frames.dtype), HIDDEN_AXES)
         for layer in self.visual_alignment_layer:
             x = layer(x)
