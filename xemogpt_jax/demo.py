@@ -144,8 +144,9 @@ def evaluate(stage3: Path, world: Path, count: int, max_new_tokens: int,
     texts = explain(model, clips, max_new_tokens)
     silent = [dataclasses.replace(c, audio=None) for c in clips if c.frames is not None] if frames_only else []
     seen = explain(model, silent, max_new_tokens)
-    cues = lambda found: {name: rules_cues(text) for name, text in found.items()}  # noqa: E731
-    return texts, cues(texts), cues(seen)
+    cues = {name: rules_cues(text) for name, text in texts.items()}
+    seen_cues = {name: rules_cues(text) for name, text in seen.items()}
+    return texts, cues, seen_cues
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,8 @@ def jaxpr_flops(jaxpr: jex.core.Jaxpr | jex.core.ClosedJaxpr) -> float:
         if name == "cond":
             total += max(inner, default=0.0)
         else:
-            total += eqn.params.get("length", 1) * sum(inner) if name == "scan" else sum(inner)
+            trips = eqn.params["length"] if name == "scan" else 1
+            total += trips * sum(inner)
     return total
 
 
