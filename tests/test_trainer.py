@@ -207,3 +207,15 @@ def test_two_processes_match_one_process(tmp_path):
 
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), atol=1e-5)
     assert len(losses(tmp_path / "one")) == 4
+
+
+def test_checkpoints_store_init_from_paths_absolute(tmp_path, monkeypatch, devices):
+    """Frozen weights are re-read from ``init_from`` at load time, whatever the loader's working directory."""
+    monkeypatch.chdir(tmp_path)
+    config = toy.toy_config(steps=2, mesh=(1, 1, 1))
+    config.init_from.clip = "towers/clip"
+    config.init_from.model = "gs://bucket/model"
+    config.init_from.llm = ""
+    trainer.run(config, tmp_path / "run", toy.toy_task(config), mesh=sharding.make_mesh((1, 1, 1), devices=devices[:1]))
+    stored = checkpoint.restore_config(tmp_path / "run" / "checkpoints")["init_from"]
+    assert stored == {"clip": str(tmp_path / "towers" / "clip"), "model": "gs://bucket/model", "llm": ""}

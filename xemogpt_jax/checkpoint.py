@@ -159,5 +159,14 @@ def gather_process_strings(text: str) -> list[str]:
 
 
 def to_json(config: Any) -> dict[str, Any]:
-    """A JSON-safe dict of a ConfigDict (tuples become lists)."""
-    return json.loads(config.to_json_best_effort())
+    """A ConfigDict as a checkpoint stores it: JSON-safe (tuples become lists), local ``init_from`` paths absolute.
+
+    Frozen weights are not checkpointed but re-read from ``init_from`` when the checkpoint is loaded; a
+    relative path would then resolve against the loader's working directory and could read other weights.
+    """
+    stored = json.loads(config.to_json_best_effort())
+    sources = stored.get("init_from", {})
+    for key, path in sources.items():
+        if isinstance(path, str) and path:
+            sources[key] = str(resolve(path))
+    return stored
