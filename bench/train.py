@@ -237,11 +237,10 @@ def bench_size(size: str, world: Path, batch_size: int, steps: int) -> None:
     torch_seconds = min(step.wall for step, _ in results.values())
     print(f"speed ratio ours / faster PyTorch: {torch_seconds / jax_step.wall:.2f}x "
           f"(load average now {os.getloadavg()[0]:.1f})")
-    if flops:
-        print(f"our step: {flops / 1e9:.2f} GFLOP (matmuls + convolutions) -> {flops / jax_step.wall / 1e9:.2f} GFLOP/s = "
-              f"{flops / jax_step.wall / peak.wall:.3f} of the {peak.wall / 1e9:.1f} GFLOP/s matmul peak; per "
-              f"CPU-second {flops / jax_step.cpu / 1e9:.2f} = {flops / jax_step.cpu / peak.cpu:.3f} of the "
-              f"matmul's {peak.cpu / 1e9:.1f}")
+    print(f"our step: {flops / 1e9:.2f} GFLOP (matmuls + convolutions) -> {flops / jax_step.wall / 1e9:.2f} GFLOP/s = "
+          f"{flops / jax_step.wall / peak.wall:.3f} of the {peak.wall / 1e9:.1f} GFLOP/s matmul peak; per "
+          f"CPU-second {flops / jax_step.cpu / 1e9:.2f} = {flops / jax_step.cpu / peak.cpu:.3f} of the "
+          f"matmul's {peak.cpu / 1e9:.1f}")
 
 
 def main() -> None:
