@@ -23,7 +23,7 @@ from xemogpt_jax import sharding
 from xemogpt_jax.model_checkpoint import restore_model
 from xemogpt_jax.models import hf_io, lora, xemogpt_params
 from xemogpt_jax.models.xemogpt import XEmoGPT, paper_config
-from tools import export_pytorch, import_weights
+from xemogpt_jax import export_pytorch, import_weights
 
 IDS = np.array([[3, 17, 42, 8, 60, 11], [90, 2, 33, 33, 7, 1]], np.int32)
 

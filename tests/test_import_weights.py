@@ -17,7 +17,7 @@ from tests.weights_fixtures import (
 from xemogpt_jax import run_config, sharding
 from xemogpt_jax.model_checkpoint import restore_model
 from xemogpt_jax.models import xemogpt_params
-from tools import import_weights
+from xemogpt_jax import import_weights
 
 IDS = np.array([[3, 17, 42, 8, 60, 11], [90, 2, 33, 33, 7, 1]], np.int32)
 

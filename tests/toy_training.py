@@ -22,13 +22,9 @@ import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from configs import common  # noqa: E402
-from xemogpt_jax import losses, trainer  # noqa: E402
-from xemogpt_jax.models.layers import LayerNorm, Linear, param  # noqa: E402
+from configs import common
+from xemogpt_jax import losses, trainer
+from xemogpt_jax.models.layers import LayerNorm, Linear, param
 
 IN, WIDTH = 8, 16
 NUM_EXAMPLES = 512

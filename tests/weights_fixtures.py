@@ -18,7 +18,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.hubert.modeling_hubert import HubertEncoderLayer
 
 from tests.qwen_fixtures import save_tiny_hf
-from tools import import_weights
+from xemogpt_jax import import_weights
 from xemogpt_jax.testing.torch_reference import randomize
 
 FRAMES, IMAGE, ALIGN, TEXT_DIM, RANK, ALPHA = 4, 28, 16, 16, 4, 8.0

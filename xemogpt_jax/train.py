@@ -51,5 +51,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``xemogpt-train`` command."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

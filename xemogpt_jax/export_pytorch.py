@@ -1,0 +1,141 @@
+"""An XEmoGPT model checkpoint -> files PyTorch users load.
+
+    xemogpt-export (or python tools/export_pytorch.py) --checkpoint DIR --out DIR --format hf|xemogpt|peft [--dtype fp32|bf16]
+
+- ``hf``: ``llm/`` (transformers causal LM, LoRA merged, config.json from the source config with
+  the export dtype, tokenizer files copied from the source folder when it is still there),
+  ``clip/`` (CLIPVisionModel), ``hubert/`` (HubertModel), ``bridges.safetensors`` (bridges, heads,
+  projections under the release's names, spec section 7) and ``bridges_config.json``.
+- ``xemogpt``: ``xemogpt.safetensors`` and ``xemogpt.ckpt`` (a torch state dict) with the release's
+  key names, trainable parts only (LoRA in PEFT naming, bridges, positional table, pooling, heads,
+  projections), for the authors' model to load with ``strict=False``.
+- ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors``, for ``peft.PeftModel.from_pretrained``.
+
+The checkpoint is restored straight onto the mesh (``--mesh``); safetensors files are written one
+tensor at a time, each gathered alone, so no host ever holds the whole model. (The ``.ckpt`` file
+is a single torch pickle and does hold the trainable parts in memory while it is written.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from xemogpt_jax import run_config, sharding
+from xemogpt_jax.model_checkpoint import restore_model
+from xemogpt_jax.models import lora as lora_lib
+from xemogpt_jax.models import xemogpt_params
+from xemogpt_jax.models.xemogpt import XEmoGPT
+from xemogpt_jax.models.xemogpt_params import ExportTensor, ModelSpec
+from xemogpt_jax.tensor_files import write_safetensors, write_torch
+
+DTYPES = {"fp32": (np.dtype(np.float32), "float32"), "bf16": (np.dtype(ml_dtypes.bfloat16), "bfloat16")}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "generation_config.json", "chat_template.jinja", "tokenizer.model",
+)
+
+
+def _strip(records: list[ExportTensor], prefix: str) -> list[ExportTensor]:
+    return [r.renamed(r.name[len(prefix) :]) for r in records if r.name.startswith(prefix)]
+
+
+def _write_config(directory: Path, config: dict[str, Any], dtype_name: str) -> None:
+    config = {k: v for k, v in config.items() if k != "torch_dtype"}
+    (directory / "config.json").write_text(json.dumps({**config, "dtype": dtype_name}, indent=2))
+
+
+def export_hf(model: XEmoGPT, spec: ModelSpec, out: Path, dtype: str) -> None:
+    np_dtype, dtype_name = DTYPES[dtype]
+    lora_lib.merge_lora(model)
+    records = list(xemogpt_params.release_tensors(model, np_dtype))
+    parts = {"llm": xemogpt_params.LLM, "clip": xemogpt_params.CLIP, "hubert": xemogpt_params.HUBERT}
+    configs = {"llm": spec.llm, "clip": spec.vision, "hubert": spec.hubert}
+    for part, prefix in parts.items():
+        directory = out / part
+        directory.mkdir(parents=True, exist_ok=True)
+        write_safetensors(directory / "model.safetensors", _strip(records, prefix))
+        _write_config(directory, configs[part], dtype_name)
+    source = Path(spec.sources.get("llm", ""))
+    for name in TOKENIZER_FILES:
+        if spec.sources.get("llm") and (source / name).is_file():
+            shutil.copy2(source / name, out / "llm" / name)
+    bridges = [r for r in records if not r.name.startswith(tuple(parts.values()))]
+    write_safetensors(out / "bridges.safetensors", bridges)
+    bridge_config = {k: v for k, v in spec.to_json().items() if k not in ("llm", "vision", "hubert", "lora", "sources")}
+    bridge_config.update(
+        dtype=dtype_name,
+        visual_alignment_layer="transformers CLIPEncoderLayer with clip/config.json",
+        audio_alignment_layer="transformers HubertEncoderLayer (post-norm) with hubert/config.json",
+    )
+    (out / "bridges_config.json").write_text(json.dumps(bridge_config, indent=2))
+
+
+def export_xemogpt(model: XEmoGPT, out: Path, dtype: str) -> None:
+    np_dtype, _ = DTYPES[dtype]
+    records = [
+        r for r in xemogpt_params.release_tensors(model, np_dtype) if xemogpt_params.is_trainable_release_name(r.name)
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "xemogpt.safetensors", records)
+    write_torch(out / "xemogpt.ckpt", records)
+
+
+def export_peft(model: XEmoGPT, spec: ModelSpec, out: Path, dtype: str) -> None:
+    lora = run_config.lora_config(spec.run_config())
+    if lora is None:
+        raise ValueError("this checkpoint has no LoRA adapters (lora rank <= 0); nothing to export as peft")
+    np_dtype, _ = DTYPES[dtype]
+    records = [
+        r.renamed(xemogpt_params.to_peft_name(r.name))
+        for r in xemogpt_params.release_tensors(model, np_dtype)
+        if r.name.startswith(xemogpt_params.LLM) and xemogpt_params.is_trainable_release_name(r.name)
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "adapter_model.safetensors", records)
+    adapter_config = dict(
+        peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=spec.sources.get("llm"),
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=sorted(lora.targets),
+        bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False, inference_mode=True,
+        init_lora_weights=True, modules_to_save=None,
+    )
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="model checkpoint directory (tools/import_weights.py)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--format", required=True, choices=("hf", "xemogpt", "peft"))
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor mesh shape to restore onto")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
+    out = Path(args.out)
+    with jax.set_mesh(mesh):
+        model, spec = restore_model(args.checkpoint, mesh, args.step)
+        if args.format == "hf":
+            export_hf(model, spec, out, args.dtype)
+        elif args.format == "xemogpt":
+            export_xemogpt(model, out, args.dtype)
+        else:
+            export_peft(model, spec, out, args.dtype)
+    print(f"wrote {args.format} export ({args.dtype}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
