@@ -63,6 +63,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.data.max_audio_seconds = 12.0
     c.data.max_context = 2048
+    # An over-long condition keeps its tail (the question and "###Assistant: " stay): our choice. "head"
+    # keeps the first max_context positions, as the release's prompt_wrap does (docs/architecture.md).
+    c.data.truncate = "tail"
     c.data.length_buckets = (256, 512, 768, 1024, 1536, 2048, 2560, 3072)
     c.optim.learning_rate = 2e-5  # [reconstructed]
     c.optim.warmup_steps = 200  # [reconstructed]

@@ -207,7 +207,7 @@ def stage3_dataset(records_dir: str | Path, tokenizer: Any, config: LoaderConfig
                    frame_size: int, max_audio_samples: int, audio_tokens_for: Callable[[int], int],
                    instruction: str = prompt.INFERENCE_INSTRUCTION,
                    buckets: Sequence[int] = prompt.DEFAULT_BUCKETS, max_context: int = prompt.MAX_CONTEXT,
-                   audio_config: AudioPreprocessConfig = AudioPreprocessConfig()) -> grain.IterDataset:
+                   truncate: str = "tail", audio_config: AudioPreprocessConfig = AudioPreprocessConfig()) -> grain.IterDataset:
     """Instruction samples laid out by ``prompt.build_sample`` and padded to length buckets by ``prompt.collate``.
 
     ``audio_tokens_for(num_samples)`` is the audio encoder's frame count (e.g. ``HubertConfig.conv_output_length``):
@@ -219,7 +219,7 @@ def stage3_dataset(records_dir: str | Path, tokenizer: Any, config: LoaderConfig
         laid_out = prompt.build_sample(
             tokenizer, subtitle=record["subtitle"], instruction=instruction, target=record["description"],
             num_audio_tokens=int(audio_tokens_for(len(audio))) if audio is not None else None,
-            has_video=record["has_video"], max_context=max_context)
+            has_video=record["has_video"], max_context=max_context, truncate=truncate)
         return {"sample": laid_out, "frames": clip_pixels(record, frame_size), "audio": audio}
 
     def collate(samples: Sequence[dict[str, Any]]) -> Batch:

@@ -135,6 +135,38 @@ def test_truncation_keeps_the_end_of_the_condition(tokenizer):
     np.testing.assert_array_equal(audio_index, np.arange(dropped - len(head.encode()), 500))
 
 
+def test_head_truncation_keeps_the_start_of_the_condition_as_the_release_does(tokenizer):
+    long_subtitle = "la " * 400
+    sample = prompt.build_sample(
+        tokenizer, subtitle=long_subtitle, instruction=INSTRUCTION, target=TARGET, num_audio_tokens=50,
+        has_video=True, max_context=300, truncate="head",
+    )
+    head, rest = filled(long_subtitle).split("<AudioHere>")
+    middle, tail = rest.split("<VideoHere>")
+    expected_ids = (byte_ids(tokenizer, head) + [0] * 50 + byte_ids(tokenizer, middle) + [0] * 16
+                    + byte_ids(tokenizer, tail))[:300]
+    expected_kind = ([0] * len(head.encode()) + [1] * 50 + [0] * len(middle.encode()) + [2] * 16
+                     + [0] * len(tail.encode()))[:300]
+    assert sample.condition_length == 300
+    assert sample.token_ids[0] == tokenizer.pad_token_id
+    np.testing.assert_array_equal(sample.token_ids[1:301], expected_ids)
+    np.testing.assert_array_equal(sample.kind[1:301], expected_kind)
+    np.testing.assert_array_equal(sample.feature_index[1:301][sample.kind[1:301] == 1], np.arange(50))
+    target_ids = byte_ids(tokenizer, TARGET) + [tokenizer.eos_token_id]
+    np.testing.assert_array_equal(sample.token_ids[301:], target_ids)
+    np.testing.assert_array_equal(sample.labels[300:-1], target_ids)
+
+    cut_in_audio = prompt.build_sample(
+        tokenizer, subtitle=SUBTITLE, instruction=INSTRUCTION, num_audio_tokens=500, max_context=100, truncate="head"
+    )
+    np.testing.assert_array_equal(cut_in_audio.feature_index[cut_in_audio.kind == 1], np.arange(100 - len(head.encode())))
+    short = dict(subtitle=SUBTITLE, instruction=INSTRUCTION, target=TARGET, num_audio_tokens=7, has_video=True)
+    np.testing.assert_array_equal(prompt.build_sample(tokenizer, **short, truncate="head").token_ids,
+                                  prompt.build_sample(tokenizer, **short).token_ids)
+    with pytest.raises(ValueError, match="truncate"):
+        prompt.build_sample(tokenizer, **short, truncate="middle")
+
+
 def test_collate_right_pads_to_smallest_bucket(tokenizer):
     samples = [
         prompt.build_sample(tokenizer, subtitle="a", instruction=INSTRUCTION, target=TARGET, has_video=True),

@@ -216,7 +216,7 @@ class Explainer:
         return prompt.build_sample(
             self.tokenizer, subtitle=clip.subtitle, instruction=self.instruction, num_audio_tokens=num_audio,
             has_video=clip.frames is not None, num_video_tokens=self.config.num_frames,
-            max_context=self.config.max_context,
+            max_context=self.config.max_context, truncate=self.config.truncate,
         )
 
     def _media_arrays(self, clips: Sequence[Clip], rows: int):

@@ -19,9 +19,12 @@ must predict, i.e. ``token_ids[i + 1]`` when position ``i + 1`` holds a target t
 ``IGNORE_INDEX`` everywhere else. The loss is then a plain per-position cross-entropy of
 ``logits[:, i]`` against ``labels[:, i]`` with no shifting at the call site.
 
-Truncation: a condition longer than ``max_context`` keeps its *last* ``max_context`` positions
-(as the reference's chat truncation does), so the instruction and ``###Assistant: `` that the
-target follows always stay; the BOS position is not counted.
+Truncation (``truncate``, the run config's ``data.truncate``): a condition longer than
+``max_context`` keeps its *last* ``max_context`` positions by default (``"tail"``), so the
+instruction and ``###Assistant: `` that the target follows always stay. This is our choice and a
+deviation from the release, whose ``prompt_wrap`` keeps the *first* ``max_context`` positions and so
+drops the question of an over-long sequence; ``"head"`` reproduces that cut exactly, for comparisons
+with the authors' numbers (docs/architecture.md). Either way the BOS position is not counted.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ IGNORE_INDEX = -100
 NUM_VIDEO_TOKENS = 16
 MAX_CONTEXT = 2048
 DEFAULT_BUCKETS = (256, 512, 768, 1024, 1536, 2048, 2560, 3072)
+TRUNCATIONS = ("tail", "head")
 
 
 class Tokenizer(Protocol):
@@ -124,11 +128,15 @@ def build_sample(
     has_video: bool = False,
     num_video_tokens: int = NUM_VIDEO_TOKENS,
     max_context: int = MAX_CONTEXT,
+    truncate: str = "tail",
 ) -> Sample:
     """Lay out one sample; ``num_audio_tokens=None`` / ``has_video=False`` mean the modality is absent.
 
-    ``target=None`` builds a generation prompt (``[BOS][condition]``, no labels).
+    ``target=None`` builds a generation prompt (``[BOS][condition]``, no labels). ``truncate`` is
+    ``"tail"`` or ``"head"`` (see the module docstring).
     """
+    if truncate not in TRUNCATIONS:
+        raise ValueError(f"truncate must be one of {TRUNCATIONS}, got {truncate!r}")
     pad_id = _special_id(tokenizer, "pad_token_id")
     token_ids: list[int] = []
     kind: list[int] = []
@@ -145,8 +153,8 @@ def build_sample(
             token_ids += [0] * count
             kind += [segment] * count
             feature_index += range(count)
-    start = max(0, len(token_ids) - max_context)
-    token_ids, kind, feature_index = token_ids[start:], kind[start:], feature_index[start:]
+    kept = slice(max(0, len(token_ids) - max_context), None) if truncate == "tail" else slice(0, max_context)
+    token_ids, kind, feature_index = token_ids[kept], kind[kept], feature_index[kept]
     condition_length = len(token_ids)
 
     target_ids = []

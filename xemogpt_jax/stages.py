@@ -308,6 +308,7 @@ def sft_task(config: ml_collections.ConfigDict) -> Task:
                 records_dir, tokenizer, loader, frame_size=model_config.vision.image_size,
                 max_audio_samples=max_samples, audio_tokens_for=model_config.num_audio_tokens,
                 buckets=tuple(config.data.length_buckets), max_context=config.data.max_context,
+                truncate=model_config.truncate,
             ))
         return make
 

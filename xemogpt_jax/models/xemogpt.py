@@ -49,6 +49,7 @@ class XEmoGPTConfig:
     num_frames: int = prompt.NUM_VIDEO_TOKENS
     max_audio_samples: int = 192_000  # the first 12 s at 16 kHz
     max_context: int = prompt.MAX_CONTEXT  # conditioning positions, for prompt.build_sample
+    truncate: str = "tail"  # which end of an over-long condition prompt.build_sample keeps
     align_dim: int = bridges.ALIGN_DIM
     video_text_dim: int = 768  # CLIP text features after its projection
     audio_text_dim: int = 768  # LaBSE sentence embeddings
