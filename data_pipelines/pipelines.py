@@ -30,7 +30,6 @@ stage 2 ``captions[-1]``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -242,16 +241,6 @@ def stage3_pad_values(pad_id: int) -> dict[str, int | str]:
 
 
 # ---------------------------------------------------------------- checkpointing and global batches
-
-
-def iterator_state(iterator: grain.DatasetIterator) -> str:
-    """The iterator's position as JSON (what the Orbax checkpoint stores per process)."""
-    return json.dumps(iterator.get_state())
-
-
-def restore_iterator(iterator: grain.DatasetIterator, state: str) -> None:
-    """Move a fresh iterator of the same pipeline to a position saved by :func:`iterator_state`."""
-    iterator.set_state(json.loads(state))
 
 
 def pad_to_widths(batch: Batch, widths: Mapping[str, int], pad_values: Mapping[str, int | str]) -> Batch:

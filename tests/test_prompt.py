@@ -95,7 +95,7 @@ def test_labels_mark_exactly_the_target(tokenizer):
         tokenizer, subtitle=SUBTITLE, instruction=INSTRUCTION, target=TARGET, num_audio_tokens=3
     )
     target_ids = byte_ids(tokenizer, TARGET) + [tokenizer.eos_token_id]
-    start = sample.prefix_length
+    start = 1 + sample.condition_length  # BOS plus condition: where the target starts
     assert len(sample) == start + len(target_ids)
     expected = np.full(len(sample), -100)
     expected[start - 1 : -1] = target_ids

@@ -131,7 +131,7 @@ def test_lora_only_adapters_are_trainable_and_dropout_needs_a_key():
     import optax
 
     model = Qwen3ForCausalLM(_tiny_config(lora=lora.LoraConfig(rank=4, alpha=4.0, dropout=0.5)), rngs=nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=lora.trainable_filter(model.config.lora))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=lora.LoraParam)
     before = {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     ids = jax.random.randint(jax.random.key(0), (2, 6), 0, 64)
 

@@ -24,7 +24,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
-from orbax.checkpoint._src.checkpoint_managers import preservation_policy as preservation
 
 STATE, DATA, CONFIG = "state", "data", "config"
 EVAL_METRIC = "eval_loss"
@@ -45,10 +44,10 @@ class Checkpointer:
     """Saves every ``every_steps``, keeps the latest ``keep`` and the best by eval loss."""
 
     def __init__(self, directory: str | os.PathLike, *, every_steps: int, keep: int, keep_best: bool, async_save: bool):
-        policies: list[Any] = [preservation.LatestN(n=keep)]
+        policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep)]
         if keep_best:
             policies.append(
-                preservation.BestN(
+                ocp.checkpoint_managers.BestN(
                     get_metric_fn=lambda metrics: metrics[EVAL_METRIC],
                     reverse=True,
                     n=1,
@@ -57,7 +56,7 @@ class Checkpointer:
             )
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every_steps,
-            preservation_policy=preservation.AnyPreservationPolicy(policies),
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
             create=True,
         )
@@ -66,12 +65,6 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
-
-    def best_step(self) -> int | None:
-        return self.manager.best_step()
-
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
 
     def save(
         self,

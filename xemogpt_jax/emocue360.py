@@ -6,7 +6,7 @@ run by our JAX port) and, per sample and axis, with S_jk = cos(g_j, p_k):
 Recall = mean_j max_k S_jk, Precision = mean_k max_j S_jk, F1 = 2PR/(P+R) (0 when P+R = 0).
 No threshold. The dataset score per axis is the plain mean over counted samples of R, P and F1.
 
-Edge cases (spec section 5), exactly:
+Edge cases (docs/architecture.md, section 5), exactly:
 - samples are those of the prediction file, each looked up in the ground truth; a prediction whose
   name is absent from the ground truth cannot be scored and is listed under ``missing_in_gt``;
 - a sample whose ground-truth list for an axis is empty is skipped for that axis (not counted);

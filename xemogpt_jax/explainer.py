@@ -43,7 +43,7 @@ Messages = Sequence[dict[str, str]]
 
 @dataclasses.dataclass(frozen=True)
 class Decoding:
-    """Decoding options; the defaults are the release's (spec section 3)."""
+    """Decoding options; the defaults are the release's (docs/architecture.md, section 3)."""
 
     max_new_tokens: int = 756
     num_beams: int = 5

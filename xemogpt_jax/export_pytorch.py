@@ -5,7 +5,7 @@
 - ``hf``: ``llm/`` (transformers causal LM, LoRA merged, config.json from the source config with
   the export dtype, tokenizer files copied from the source folder when it is still there),
   ``clip/`` (CLIPVisionModel), ``hubert/`` (HubertModel), ``bridges.safetensors`` (bridges, heads,
-  projections under the release's names, spec section 7) and ``bridges_config.json``.
+  projections under the release's names, docs/architecture.md section 7) and ``bridges_config.json``.
 - ``xemogpt``: ``xemogpt.safetensors`` and ``xemogpt.ckpt`` (a torch state dict) with the release's
   key names, trainable parts only (LoRA in PEFT naming, bridges, positional table, pooling, heads,
   projections), for the authors' model to load with ``strict=False``.

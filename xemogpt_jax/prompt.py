@@ -1,6 +1,6 @@
 """The prompt of the released weights and the static-shape sequence layout built from it.
 
-One sample becomes ``[pad-as-BOS][condition][target + EOS]`` (spec section 3). The condition
+One sample becomes ``[pad-as-BOS][condition][target + EOS]`` (docs/architecture.md, section 3). The condition
 is the template with the subtitle and instruction filled in, cut at ``<AudioHere>`` and
 ``<VideoHere>``: each text piece is tokenized on its own without special tokens, and the cut
 points become *slots* that the model fills with audio or video tokens. A sample without a
@@ -80,11 +80,6 @@ class Sample:
 
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
-
-    @property
-    def prefix_length(self) -> int:
-        """BOS plus condition: where the target (or generation) starts."""
-        return 1 + self.condition_length
 
 
 def _special_id(tokenizer: Tokenizer, name: str) -> int:

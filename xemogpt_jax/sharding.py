@@ -130,11 +130,6 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(LOGICAL_AXIS_RULES["batch"], *([None] * (ndim - 1))))
 
 
-def batch_shardings(tree: Any, mesh: Mesh) -> Any:
-    """Batch sharding for every array leaf of a batch tree."""
-    return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)), tree)
-
-
 def create_sharded(factory: Callable[[], M], mesh: Mesh) -> M:
     """Build a model directly into sharded buffers, never materialising it on one device."""
     abstract = nnx.eval_shape(factory)

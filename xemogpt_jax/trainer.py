@@ -189,10 +189,6 @@ def restore_into(engine: Engine, restored: Any) -> None:
     nnx.replace_by_pure_dict(engine.trained, restored)
 
 
-def current_step(engine: Engine) -> int:
-    return int(engine.trained["optimizer"]["step"][...])
-
-
 class PreemptionWatch:
     """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly.
 

@@ -1,6 +1,6 @@
 """The two emotional cue bridges (VECB, AECB), their pretraining heads, and the projections into the LLM.
 
-Names follow the release's module tree (spec section 7) so the export key map stays a table:
+Names follow the release's module tree (docs/architecture.md, section 7) so the export key map stays a table:
 ``visual_alignment_layer``, ``position_embedding``, ``attention_pooling.attn_vector``,
 ``visual_project``, ``text_project``, ``temporal_disc_head`` (layers 0 and 2 of a sequential),
 ``frame_reconstructor``; ``audio_alignment_layer``, ``audio_project``; ``visual_llm_project``,

@@ -110,11 +110,6 @@ def make_linear(
     )
 
 
-def trainable_filter(lora: LoraConfig | None) -> type[nnx.Param]:
-    """What an optimizer should update: only the adapters when LoRA is on, else every parameter."""
-    return LoraParam if lora is not None else nnx.Param
-
-
 def merge_lora(model: nnx.Module) -> None:
     """Fold every adapter into its base kernel in place and drop the adapters (for export)."""
     for _, module in nnx.iter_graph(model):

@@ -261,7 +261,6 @@ class SentenceEncoder:
                 batch_types[slot, :n] = types[i]
         vectors = self._forward(self._state, batch_ids, batch_mask, batch_types)
         return np.asarray(vectors)[: len(rows)]
-        return out
 
     @property
     def dimension(self) -> int:
