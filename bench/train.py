@@ -208,7 +208,8 @@ def describe(config: ml_collections.ConfigDict) -> str:
     vision = run_config.architecture(config, "clip")["vision_config"]
     return (f"LLM {llm['hidden_size']} x {llm['num_hidden_layers']} layers (MLP {llm['intermediate_size']}, vocab "
             f"{llm['vocab_size']}), CLIP {vision['hidden_size']} x {vision['num_hidden_layers']}, HuBERT "
-            f"{hubert['hidden_size']} x {hubert['num_hidden_layers']}, bridges {config.model.bridge_layers} layers each")
+            f"{hubert['hidden_size']} x {hubert['num_hidden_layers']}, "
+            f"bridges {config.model.bridge_layers} layers each")
 
 
 def bench_size(size: str, world: Path, batch_size: int, steps: int) -> None:

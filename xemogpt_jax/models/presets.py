@@ -33,7 +33,7 @@ CLIP_VIT_L14: dict[str, Any] = dict(
     architectures=["CLIPModel"], model_type="clip", projection_dim=768, logit_scale_init_value=2.6592,
     vision_config=dict(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
-        patch_size=14, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+        patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
     ),
     text_config=dict(
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=49408,
@@ -47,7 +47,7 @@ HUBERT_LARGE: dict[str, Any] = dict(
     num_attention_heads=16, intermediate_size=4096, hidden_act="gelu", layer_norm_eps=1e-5,
     conv_dim=[512] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2], conv_bias=True,
     num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, feat_extract_norm="layer",
-    feat_extract_activation="gelu", do_stable_layer_norm=True, feat_proj_layer_norm=True, mask_time_prob=0.05,
+    feat_extract_activation="gelu", do_stable_layer_norm=True, mask_time_prob=0.05,
     mask_feature_prob=0.0,
 )
 # sentence-transformers/LaBSE: the BERT at the folder's root

@@ -128,9 +128,10 @@ def release_bridge_sizes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int
     it here means the import needs no config that repeats it.
     """
     sizes: dict[str, int] = {}
-    for module, field in (("visual_encoder.text_project", "video_text_dim"), ("audio_encoder.text_project", "audio_text_dim")):
-        if f"{module}.weight" in shapes:
-            sizes["align_dim"], sizes[field] = shapes[f"{module}.weight"]
+    for name, field in (("visual_encoder.text_project.weight", "video_text_dim"),
+                        ("audio_encoder.text_project.weight", "audio_text_dim")):
+        if name in shapes:
+            sizes["align_dim"], sizes[field] = shapes[name]
     if "visual_encoder.position_embedding" in shapes:
         sizes["num_frames"] = shapes["visual_encoder.position_embedding"][-2]
     layers = [found[0] + 1 for name in shapes for prefix in (VECB_LAYER, AECB_LAYER)
