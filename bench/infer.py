@@ -27,11 +27,10 @@ import torch
 import transformers
 from flax import nnx
 
-from configs import align_audio, align_video
 from xemogpt_jax import emocue360, prompt
 from xemogpt_jax.explainer import Clip, Decoding, Explainer, read_clip
 from xemogpt_jax.generate import GenerationConfig, generate
-from xemogpt_jax.models import qwen3_params
+from xemogpt_jax.models import presets, qwen3_params
 from xemogpt_jax.models.clip import CLIPVisionConfig
 from xemogpt_jax.models.hubert import HubertConfig
 from xemogpt_jax.models.qwen3 import Qwen3Config
@@ -120,8 +119,8 @@ def torch_explain(reference: TorchXEmoGPT, layout: dict[str, np.ndarray], frames
 
 def bench_explanations(new_tokens: int, clips: int, repeats: int) -> None:
     tokenizer = byte_tokenizer()
-    vision = align_video.clip_architecture("tiny").vision_config.to_dict()
-    hubert = dict(align_audio.hubert_architecture("tiny").to_dict())
+    clip = presets.get("clip", "tiny")
+    vision, hubert = clip["vision_config"], presets.get("hubert", "tiny")
     clip_hf = transformers.CLIPVisionConfig(**vision, attn_implementation="sdpa")
     hubert_hf = transformers.HubertConfig(**hubert, attn_implementation="eager")
     qwen_hf = small_qwen(len(tokenizer))
@@ -130,7 +129,9 @@ def bench_explanations(new_tokens: int, clips: int, repeats: int) -> None:
     randomize(reference, 1)
     config = XEmoGPTConfig(
         vision=CLIPVisionConfig.from_hf(clip_hf.to_dict()), hubert=HubertConfig.from_hf(hubert_hf.to_dict()),
-        llm=Qwen3Config.from_hf(qwen_hf.to_dict()), num_frames=16, max_audio_samples=AUDIO_SAMPLES, max_context=2048,
+        llm=Qwen3Config.from_hf(qwen_hf.to_dict()), video_text_dim=clip["projection_dim"],
+        audio_text_dim=presets.get("text_encoder", "tiny")["hidden_size"], num_frames=16,
+        max_audio_samples=AUDIO_SAMPLES, max_context=2048,
     )
     model = XEmoGPT(config, rngs=nnx.Rngs(0))
     load_into(model, reference)

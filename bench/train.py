@@ -75,10 +75,12 @@ def parse_args() -> argparse.Namespace:
 
 def widen(config: ml_collections.ConfigDict) -> None:
     """The ``small`` size: the tiny model's layout at widths where the matmuls dominate the step."""
-    config.model.llm.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                            num_key_value_heads=4, head_dim=64)
-    config.model.clip.vision_config.update(hidden_size=256, intermediate_size=1024, num_attention_heads=4)
-    config.model.hubert.update(hidden_size=256, intermediate_size=1024, num_attention_heads=4, conv_dim=(128,) * 3)
+    run_config.set_architecture(config, "llm", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                                num_attention_heads=8, num_key_value_heads=4, head_dim=64)
+    vision = run_config.set_architecture(config, "clip").vision_config
+    vision.update(hidden_size=256, intermediate_size=1024, num_attention_heads=4)
+    run_config.set_architecture(config, "hubert", hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                                conv_dim=[128] * 3)
 
 
 def stage3_config(world: Path, batch_size: int, size: str) -> ml_collections.ConfigDict:
@@ -128,10 +130,9 @@ def time_interleaved(steps: dict[str, Callable[[], float]], count: int) -> dict[
 
 def torch_reference(config: ml_collections.ConfigDict, seed: int) -> TorchXEmoGPT:
     """The PyTorch composition of the run config's architecture, random weights, towers frozen."""
-    clip = transformers.CLIPVisionConfig(**config.model.clip.vision_config.to_dict())
-    hubert = transformers.HubertConfig(**{k: list(v) if isinstance(v, tuple) else v
-                                          for k, v in config.model.hubert.to_dict().items()})
-    llm = transformers.Qwen3Config(**config.model.llm.to_dict())
+    clip = transformers.CLIPVisionConfig(**run_config.architecture(config, "clip")["vision_config"])
+    hubert = transformers.HubertConfig(**run_config.architecture(config, "hubert"))
+    llm = transformers.Qwen3Config(**run_config.architecture(config, "llm"))
     torch.manual_seed(seed)
     reference = TorchXEmoGPT(
         clip, hubert, llm, num_frames=config.model.num_frames, bridge_layers=config.model.bridge_layers
@@ -203,10 +204,12 @@ def matmul_peak(when: str) -> Timing:
 
 
 def describe(config: ml_collections.ConfigDict) -> str:
-    llm, vision, hubert = config.model.llm, config.model.clip.vision_config, config.model.hubert
-    return (f"LLM {llm.hidden_size} x {llm.num_hidden_layers} layers (MLP {llm.intermediate_size}, vocab "
-            f"{llm.vocab_size}), CLIP {vision.hidden_size} x {vision.num_hidden_layers}, HuBERT {hubert.hidden_size} x "
-            f"{hubert.num_hidden_layers}, bridges {config.model.bridge_layers} layers each")
+    llm, hubert = run_config.architecture(config, "llm"), run_config.architecture(config, "hubert")
+    vision = run_config.architecture(config, "clip")["vision_config"]
+    return (f"LLM {llm['hidden_size']} x {llm['num_hidden_layers']} layers (MLP {llm['intermediate_size']}, vocab "
+            f"{llm['vocab_size']}), CLIP {vision['hidden_size']} x {vision['num_hidden_layers']}, HuBERT "
+            f"{hubert['hidden_size']} x {hubert['num_hidden_layers']}, "
+            f"bridges {config.model.bridge_layers} layers each")
 
 
 def bench_size(size: str, world: Path, batch_size: int, steps: int) -> None:

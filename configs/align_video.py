@@ -15,21 +15,6 @@ import ml_collections
 from configs import common
 
 
-def clip_architecture(variant: str) -> ml_collections.ConfigDict:
-    """HF ``CLIPConfig`` fields; used when ``init_from.clip`` is empty (else the folder's config.json wins)."""
-    if variant == "tiny":
-        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      image_size=64, patch_size=16, hidden_act="quick_gelu")
-        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    vocab_size=2048, max_position_embeddings=77, eos_token_id=1, hidden_act="quick_gelu")
-        return ml_collections.ConfigDict(dict(vision_config=vision, text_config=text, projection_dim=32))
-    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=224, patch_size=14, hidden_act="quick_gelu")
-    text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                vocab_size=49408, max_position_embeddings=77, eos_token_id=49407, hidden_act="quick_gelu")
-    return ml_collections.ConfigDict(dict(vision_config=vision, text_config=text, projection_dim=768))
-
-
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     variant = common.check_variant(variant)
     c = common.base_config("align_video")
@@ -38,7 +23,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.init_from.tokenizer = ""  # tokenizer folder for the captions ("" = the CLIP folder's)
 
     c.model = ml_collections.ConfigDict()
-    c.model.clip = clip_architecture(variant)
+    c.model.clip = "tiny" if variant == "tiny" else "clip-vit-l14"  # a preset of models/presets.py, or HF fields
     c.model.num_frames = 16
     c.model.bridge_layers = 2
     c.model.align_dim = 768

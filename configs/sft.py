@@ -17,21 +17,6 @@ import ml_collections
 from configs import align_audio, align_video, common
 
 
-def llm_architecture(variant: str) -> ml_collections.ConfigDict:
-    """HF ``Qwen3Config`` fields; used when ``init_from.llm`` is empty (else the folder's config.json wins)."""
-    if variant == "tiny":
-        return ml_collections.ConfigDict(dict(
-            model_type="qwen3", vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
-            max_position_embeddings=4096, tie_word_embeddings=True,
-        ))
-    return ml_collections.ConfigDict(dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-        max_position_embeddings=40960, tie_word_embeddings=True,
-    ))
-
-
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     variant = common.check_variant(variant)
     c = common.base_config("sft")
@@ -45,16 +30,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.init_from.tokenizer = ""  # "" = the LLM folder's tokenizer
 
     c.model = ml_collections.ConfigDict()
-    c.model.llm = llm_architecture(variant)
-    c.model.clip = align_video.clip_architecture(variant)
-    c.model.hubert = align_audio.hubert_architecture(variant)
+    # presets of models/presets.py (or HF fields); init_from folders' config.json wins
+    video, audio = align_video.get_config(variant).model, align_audio.get_config(variant).model
+    c.model.llm = "tiny" if variant == "tiny" else "qwen3-4b"
+    c.model.clip = video.clip
+    c.model.hubert = audio.hubert
+    c.model.text_encoder = audio.text_encoder  # sizes the AECB text head of the stage-2 checkpoint
     c.model.bridge_layers = 2
     c.model.num_frames = 16
-    # Widths of the bridges' stage 1-2 heads (unused here; they must match the checkpoints of init_from.*_bridge).
-    video, audio = align_video.get_config(variant).model, align_audio.get_config(variant).model
+    # Width of the bridges' stage 1-2 heads (unused here; it must match the checkpoints of init_from.*_bridge).
     c.model.align_dim = video.align_dim  # one width for both bridges' heads
-    c.model.video_text_dim = video.clip.projection_dim
-    c.model.audio_text_dim = audio.text_dim
     c.model.remat = True  # rematerialise LLM layers in the backward pass
     c.model.unroll_layers = False  # True unrolls the LLM layer scan: faster at a few layers, slower to compile
     c.model.lora = ml_collections.ConfigDict(dict(rank=512, alpha=512.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))

@@ -20,6 +20,7 @@ from xemogpt_jax.testing.byte_tokenizer import byte_tokenizer
 
 from configs import sft
 from xemogpt_jax import checkpoint as checkpoint_lib
+from xemogpt_jax import run_config
 from xemogpt_jax.run_config import xemogpt_config
 from xemogpt_jax.models.xemogpt import XEmoGPT
 
@@ -38,8 +39,7 @@ def tiny_run_config(tokenizer_dir: Path, vocab_size: int, *, tied: bool = True) 
     """``configs/sft.py:tiny`` with the tokenizer's vocabulary and buckets that hold the byte-level prompt."""
     config = sft.get_config("tiny")
     config.init_from.tokenizer = str(tokenizer_dir)
-    config.model.llm.vocab_size = vocab_size
-    config.model.llm.tie_word_embeddings = tied
+    run_config.set_architecture(config, "llm", vocab_size=vocab_size, tie_word_embeddings=tied)
     config.data.max_audio_seconds = 2.0
     config.data.max_context = 1024
     config.data.length_buckets = (512, 1024)

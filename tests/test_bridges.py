@@ -149,6 +149,6 @@ def test_attention_pooling_and_masked_mean_by_hand():
 
 
 def test_vecb_rejects_wrong_frame_count():
-    config = bridges.VECBConfig(encoder=CLIPEncoderConfig.from_hf(CLIP_HF), num_frames=FRAMES)
+    config = bridges.VECBConfig(encoder=CLIPEncoderConfig.from_hf(CLIP_HF), num_frames=FRAMES, text_dim=TEXT)
     with pytest.raises(ValueError, match="frames"):
         build_filled(lambda: bridges.VECB(config, rngs=nnx.Rngs(0)))(np.zeros((1, FRAMES + 1, WIDTH), np.float32))

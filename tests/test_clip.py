@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from xemogpt_jax import sharding
+from xemogpt_jax.models import presets
 from xemogpt_jax.models.clip import (
     CLIPConfig,
     CLIPEncoderLayer,
@@ -180,35 +181,12 @@ def test_encoder_layer_applies_the_attention_bias():
     )
 
 
-OPENAI_CLIP_VIT_L14 = dict(
-    text_config=dict(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        vocab_size=49408,
-        max_position_embeddings=77,
-        projection_dim=768,
-        eos_token_id=2,
-    ),
-    vision_config=dict(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        patch_size=14,
-        image_size=224,
-        projection_dim=768,
-    ),
-    projection_dim=768,
-)
-
-
 def test_paper_scale_clip_builds_abstractly_with_hf_parameter_count():
-    config = CLIPConfig.from_hf(OPENAI_CLIP_VIT_L14)
+    published = presets.get("clip", "clip-vit-l14")
+    config = CLIPConfig.from_hf(published)
     model = nnx.eval_shape(lambda: CLIPModel(config, rngs=nnx.Rngs(0)))
     ours = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     with torch.device("meta"):
-        hf = transformers.CLIPModel(transformers.CLIPConfig(**OPENAI_CLIP_VIT_L14))
+        hf = transformers.CLIPModel(transformers.CLIPConfig(**published))
     assert ours == sum(p.numel() for p in hf.parameters())
     assert 427e6 < ours < 429e6

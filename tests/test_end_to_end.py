@@ -25,9 +25,8 @@ import pytest
 import transformers
 from safetensors.numpy import load_file
 
-from configs import align_audio, align_video, sft
 from xemogpt_jax import checkpoint
-from xemogpt_jax.models import qwen3_params
+from xemogpt_jax.models import presets, qwen3_params
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO = ROOT.parent / "shared/media/sample_00000007.mp4"
@@ -58,9 +57,8 @@ def _train(config: str, workdir: Path, *overrides: str) -> subprocess.Popen:
 
 def _hf_folders(out: Path, tokenizer: Path) -> dict[str, Path]:
     """Random transformers models with the tiny configs' architectures; the LLM folder carries the tokenizer."""
-    llm = {k: v for k, v in sft.llm_architecture("tiny").to_dict().items() if k != "model_type"}
-    clip = align_video.clip_architecture("tiny").to_dict()
-    hubert = align_audio.hubert_architecture("tiny").to_dict()
+    llm = {k: v for k, v in presets.get("llm", "tiny").items() if k != "model_type"}
+    clip, hubert = presets.get("clip", "tiny"), presets.get("hubert", "tiny")
     models = {
         "llm": transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**llm)),
         "clip": transformers.CLIPModel(transformers.CLIPConfig(**clip)),

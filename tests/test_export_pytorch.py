@@ -16,13 +16,14 @@ import torch
 import transformers
 from flax import nnx
 
+from configs import sft
 from tests.weights_fixtures import (
     build_world, import_args, load_release_module, pixels, release_import, release_state, waveforms,
 )
-from xemogpt_jax import sharding
+from xemogpt_jax import run_config, sharding
 from xemogpt_jax.model_checkpoint import restore_model
 from xemogpt_jax.models import hf_io, lora, xemogpt_params
-from xemogpt_jax.models.xemogpt import XEmoGPT, paper_config
+from xemogpt_jax.models.xemogpt import XEmoGPT
 from xemogpt_jax import export_pytorch, import_weights
 
 IDS = np.array([[3, 17, 42, 8, 60, 11], [90, 2, 33, 33, 7, 1]], np.int32)
@@ -153,7 +154,8 @@ def test_peft_export_loads_with_peft_and_reimports(world, checkpoint, mesh, tmp_
 
 def test_release_names_invert_over_the_paper_scale_tree():
     """Every parameter (and LLM layer slot) of the paper-scale model has one release name that maps back to it."""
-    model = nnx.eval_shape(lambda: XEmoGPT(paper_config(), rngs=nnx.Rngs(0)))
+    paper = run_config.xemogpt_config(sft.get_config())
+    model = nnx.eval_shape(lambda: XEmoGPT(paper, rngs=nnx.Rngs(0)))
     names = set()
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         shape = variable.get_value().shape

@@ -12,7 +12,7 @@ from flax import nnx
 from safetensors.torch import save_file
 
 from xemogpt_jax import sharding
-from xemogpt_jax.models import hf_io
+from xemogpt_jax.models import hf_io, presets
 from xemogpt_jax.models.hubert import HubertConfig, HubertEncoderLayer, HubertModel
 from xemogpt_jax.models.layers import key_mask_bias
 from xemogpt_jax.models.hubert_params import ENCODER_LAYER_RULES, load_hubert, make_key_map
@@ -179,25 +179,8 @@ def test_sharded_forward_equals_single_device(tmp_path, devices):
     np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref_hidden), atol=1e-5, rtol=0)
 
 
-def chinese_hubert_large_hf_config() -> dict:
-    return dict(
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        conv_dim=[512] * 7,
-        conv_kernel=[10, 3, 3, 3, 3, 2, 2],
-        conv_stride=[5, 2, 2, 2, 2, 2, 2],
-        num_conv_pos_embeddings=128,
-        num_conv_pos_embedding_groups=16,
-        do_stable_layer_norm=True,
-        feat_extract_norm="layer",
-        conv_bias=True,
-    )
-
-
 def test_paper_scale_config_builds_abstractly():
-    hf = chinese_hubert_large_hf_config()
+    hf = presets.get("hubert", "hubert-large")
     config = HubertConfig.from_hf(hf)
     assert config.conv_output_length(192_000) == 599
     model = nnx.eval_shape(lambda: HubertModel(config, rngs=nnx.Rngs(0)))
@@ -210,5 +193,5 @@ def test_paper_scale_config_builds_abstractly():
 
 
 def test_config_round_trips_through_hf():
-    config = HubertConfig.from_hf(chinese_hubert_large_hf_config())
+    config = HubertConfig.from_hf(presets.get("hubert", "hubert-large"))
     assert HubertConfig.from_hf(transformers.HubertConfig(**config.to_hf()).to_dict()) == config

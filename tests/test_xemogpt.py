@@ -15,13 +15,14 @@ from flax import nnx
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer as TorchCLIPLayer
 from transformers.models.hubert.modeling_hubert import HubertEncoderLayer as TorchHubertLayer
 
+from configs import sft
 from tests.xemogpt_fixtures import build_filled
-from xemogpt_jax import prompt, sharding
-from xemogpt_jax.models import lora
+from xemogpt_jax import prompt, run_config, sharding
+from xemogpt_jax.models import lora, presets
 from xemogpt_jax.models.clip import CLIPVisionConfig
 from xemogpt_jax.models.hubert import HubertConfig
 from xemogpt_jax.models.qwen3 import Qwen3Config
-from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig, paper_config
+from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig
 from xemogpt_jax.testing.byte_tokenizer import byte_tokenizer
 from xemogpt_jax.testing.torch_reference import TorchXEmoGPT, load_into, randomize, to_torch
 
@@ -228,16 +229,15 @@ def _count(state) -> int:
 
 
 def test_paper_scale_builds_abstractly_and_shards():
-    config = paper_config()
+    config = run_config.xemogpt_config(sft.get_config())
     model = nnx.eval_shape(lambda: XEmoGPT(config, rngs=nnx.Rngs(0)))
     counts = {name: _count(nnx.state(getattr(model, name), nnx.Param)) for name in (
         "vision_tower", "audio_tower", "vecb", "aecb", "visual_llm_project", "audio_llm_project", "llm")}
     adapters = _count(nnx.state(model, lora.LoraParam))
 
     with torch.device("meta"):
-        clip_hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-            image_size=224, patch_size=14))
+        clip_hf = transformers.CLIPVisionModel(
+            transformers.CLIPVisionConfig(**presets.get("clip", "clip-vit-l14")["vision_config"]))
         hubert_hf = transformers.HubertModel(transformers.HubertConfig(**config.hubert.to_hf()))
         qwen_hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config.llm.to_hf()))
         clip_layer = _hf_param_count(TorchCLIPLayer(clip_hf.config))

@@ -30,7 +30,9 @@ def get_config(variant=""):
     c = ml_collections.ConfigDict()
     rank = 0 if variant == "frozen" else {RANK}
     c.model = ml_collections.ConfigDict(dict(
-        bridge_layers=2, num_frames={FRAMES}, align_dim={ALIGN}, text_dim={TEXT_DIM},
+        bridge_layers=2, num_frames={FRAMES}, align_dim={ALIGN},
+        text_encoder=dict(model_type="bert", vocab_size=64, hidden_size={TEXT_DIM}, num_hidden_layers=1,
+                          num_attention_heads=2, intermediate_size=32),
         lora=dict(rank=rank, alpha={ALPHA}, dropout=0.0, targets=("q_proj", "k_proj", "v_proj")),
     ))
     return c

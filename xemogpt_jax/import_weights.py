@@ -4,7 +4,10 @@
         [--release-ckpt FILE] [--adapter DIR] [--config configs/sft.py[:variant]] --out DIR
 
 Model sizes come from the HF ``config.json`` files; the config file supplies bridge depth, frame
-count, pretraining widths and LoRA settings (``--adapter``, a PEFT folder, supplies its own).
+count, the pretraining width and LoRA settings (``--adapter``, a PEFT folder, supplies its own); the
+bridges' text heads take the encoders' widths; a release file's own tensor shapes overrule all of
+these. The release file may be a bare state dict or hold it under ``state_dict`` (older,
+Lightning-style files with ``epoch``, ``global_step``, ...).
 Every source is streamed tensor by tensor, each tensor placed straight into its sharding on the
 mesh (``--mesh``), so no host holds the whole model; later sources override earlier ones (HF dirs, then the release file, then the
 adapter). The release file is a torch pickle and is opened only with
@@ -57,8 +60,20 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     )
 
 
+def bridge_sizes(args: argparse.Namespace, config: Any) -> dict[str, int]:
+    """Bridge sizes: a release file's own tensor shapes, else the encoders' widths and the config's numbers.
+
+    The text heads sit on CLIP's projection (``--clip``) and the sentence encoder (``--labse``, else
+    the config's ``model.text_encoder``); a release checkpoint's tensors overrule both, since they
+    are what gets loaded.
+    """
+    found = xemogpt_params.release_bridge_sizes(hf_io.tensor_shapes(args.release_ckpt)) if args.release_ckpt else {}
+    model = {**run_config.as_dict(config).get("model", {}), "clip": hf_io.read_config(args.clip), **found}
+    return run_config.bridge_settings({"model": model, "init_from": {"text_encoder": args.labse or ""}})
+
+
 def build_spec(args: argparse.Namespace) -> ModelSpec:
-    """Architectures from the HF folders; bridge sizes and LoRA from the config, as training reads them."""
+    """Architectures from the HF folders; bridge sizes as :func:`bridge_sizes` finds them; LoRA from the config."""
     config = config_files.load(args.config)
     lora = read_adapter_config(args.adapter) if args.adapter else run_config.lora_settings(config)
     sources = {k: str(Path(v).absolute()) for k, v in vars(args).items() if k in _SOURCES and v}
@@ -66,7 +81,7 @@ def build_spec(args: argparse.Namespace) -> ModelSpec:
         llm=hf_io.read_config(args.llm),
         vision=xemogpt_params.vision_hf_config(hf_io.read_config(args.clip)),
         hubert=hf_io.read_config(args.hubert),
-        **run_config.bridge_settings(config),
+        **bridge_sizes(args, config),
         lora=None if lora is None or lora["rank"] <= 0 else lora,
         sources=sources,
     )

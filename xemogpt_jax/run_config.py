@@ -6,7 +6,9 @@ checkpoints of ``tools/import_weights.py`` (whose :class:`ModelSpec` reads as a 
 build the assembled model here, so a checkpoint always rebuilds the model that wrote it.
 Architecture precedence, as for the weights in training: a non-empty ``init_from`` HF folder's
 ``config.json``, else ``init_from.model`` (an imported model checkpoint: its encoders, LLM and bridge
-sizes; LoRA stays the run's), else the config's own ``model.*`` fields.
+sizes; LoRA stays the run's), else the config's own ``model.*`` fields: a preset name
+(:mod:`xemogpt_jax.models.presets`) or, in run configs stored by older checkpoints, the HF fields.
+The bridges' text heads take their widths from the encoders they sit on (:func:`text_widths`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Any
 import ml_collections
 
 from xemogpt_jax import checkpoint, prompt
-from xemogpt_jax.models import bridges, hf_io
-from xemogpt_jax.models.clip import CLIPVisionConfig
+from xemogpt_jax.models import bridges, hf_io, presets, sentence_encoder
+from xemogpt_jax.models.clip import CLIPConfig, CLIPVisionConfig
 from xemogpt_jax.models.hubert import HubertConfig
 from xemogpt_jax.models.lora import LoraConfig
 from xemogpt_jax.models.qwen3 import Qwen3Config, parse_dtype
@@ -52,12 +54,43 @@ def resolve(run: RunConfig) -> dict[str, Any]:
 def architecture(run: RunConfig, part: str) -> dict[str, Any]:
     """HF ``config.json`` fields of ``part``: the ``init_from`` folder's when given, else ``model.<part>``.
 
-    Serves every stage (``clip``, ``hubert``, ``text_encoder``, ``llm``); ``init_from.model`` is
-    applied by :func:`resolve`, not here.
+    ``model.<part>`` is a preset name or the fields themselves. Serves every stage (``clip``,
+    ``hubert``, ``text_encoder``, ``llm``); ``init_from.model`` is applied by :func:`resolve`, not here.
     """
     run = as_dict(run)
     folder = run.get("init_from", {}).get(part)
-    return hf_io.read_config(folder) if folder else dict(run["model"][part])
+    return hf_io.read_config(folder) if folder else presets.fields(part, run["model"][part])
+
+
+def set_architecture(run: ml_collections.ConfigDict, part: str, **changes: Any) -> ml_collections.ConfigDict:
+    """Make ``model.<part>`` the HF fields it names plus ``changes``, for sizes between presets (tests, benches)."""
+    fields = {**presets.fields(part, run.model[part]), **changes}
+    del run.model[part]  # a preset name is a string field; ConfigDict refuses to retype it in place
+    run.model[part] = fields
+    return run.model[part]
+
+
+def sentence_width(run: RunConfig) -> int:
+    """Width of the sentence encoder's embeddings: its folder's last module, else its BERT's hidden size.
+
+    The stage-2 encoder built without a folder is LaBSE-shaped: its dense layer keeps the BERT width.
+    """
+    folder = as_dict(run).get("init_from", {}).get("text_encoder")
+    if folder:
+        return sentence_encoder.output_width(folder)
+    return int(architecture(run, "text_encoder")["hidden_size"])
+
+
+def text_widths(run: RunConfig) -> dict[str, int]:
+    """Input widths of the VECB and AECB text heads: CLIP's projection width and the sentence encoder's.
+
+    Widths a run records (model specs of imported checkpoints, sized from the release's tensors, and
+    run configs of older checkpoints) win over the encoders'.
+    """
+    model = as_dict(run).get("model", {})
+    video = model.get("video_text_dim") or CLIPConfig.from_hf(architecture(run, "clip")).projection_dim
+    audio = model.get("audio_text_dim") or sentence_width(run)
+    return dict(video_text_dim=int(video), audio_text_dim=int(audio))
 
 
 def lora_settings(run: RunConfig) -> dict[str, Any] | None:
@@ -75,15 +108,13 @@ def lora_config(run: RunConfig) -> LoraConfig | None:
 
 
 def bridge_settings(run: RunConfig) -> dict[str, int]:
-    """Bridge depth, frame count and the stage 1-2 head widths (defaults: the paper's; ``text_dim`` sets both)."""
+    """Bridge depth, frame count and the stage 1-2 head widths (defaults: the paper's)."""
     model = as_dict(run).get("model", {})
-    text_dim = model.get("text_dim", 768)
     return dict(
         bridge_layers=int(model.get("bridge_layers", 2)),
         num_frames=int(model.get("num_frames", prompt.NUM_VIDEO_TOKENS)),
         align_dim=int(model.get("align_dim", bridges.ALIGN_DIM)),
-        video_text_dim=int(model.get("video_text_dim", text_dim)),
-        audio_text_dim=int(model.get("audio_text_dim", text_dim)),
+        **text_widths(run),
     )
 
 

@@ -196,7 +196,7 @@ def align_audio_task(config: ml_collections.ConfigDict) -> Task:
     bert_config = BertConfig.from_hf(run_config.architecture(config, "text_encoder"))
     aecb_config = bridges.AECBConfig(
         encoder=hubert_config, num_layers=config.model.bridge_layers, align_dim=config.model.align_dim,
-        text_dim=config.model.text_dim,
+        text_dim=run_config.sentence_width(config),
     )
     tokenizer = load_text_tokenizer(config.init_from.tokenizer or text_folder)
     max_samples = int(config.data.max_audio_seconds * 16_000)

@@ -30,23 +30,21 @@ ALIGN_DIM = 768  # width of the bridge-pretraining embedding space (both sides o
 class VECBConfig:
     """Video Emotional Cue Bridge: ``num_layers`` CLIP layers shaped like the vision tower's, over F CLS features."""
 
-    encoder: CLIPEncoderConfig = CLIPEncoderConfig(
-        hidden_size=1024, intermediate_size=4096, num_attention_heads=16, hidden_act="quick_gelu"
-    )
+    encoder: CLIPEncoderConfig
+    text_dim: int  # CLIP text features after its text projection
     num_layers: int = 2
     num_frames: int = 16
     align_dim: int = ALIGN_DIM
-    text_dim: int = 768  # CLIP text features after its text projection
 
 
 @dataclass(frozen=True)
 class AECBConfig:
     """Audio Emotional Cue Bridge: ``num_layers`` post-norm HuBERT layers of the audio encoder's shape."""
 
-    encoder: HubertConfig = HubertConfig(hidden_size=1024, num_attention_heads=16, intermediate_size=4096)
+    encoder: HubertConfig
+    text_dim: int  # sentence-encoder embeddings
     num_layers: int = 2
     align_dim: int = ALIGN_DIM
-    text_dim: int = 768  # LaBSE sentence embedding
 
 
 class AttentionPooling(nnx.Module):

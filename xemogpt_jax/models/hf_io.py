@@ -8,9 +8,10 @@ mapped and read one tensor at a time; an older ``pytorch_model.bin`` is opened o
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,14 +73,19 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return json.loads(config_file.read_text())
 
 
-def _read_safetensors(file: Path) -> Iterator[tuple[str, np.ndarray]]:
+def _safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
+    """The tensor entries of a safetensors header and the byte offset where the data starts."""
     with open(file, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
-    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_len)
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
+
+
+def _read_safetensors(file: Path) -> Iterator[tuple[str, np.ndarray]]:
+    header, offset = _safetensors_header(file)
+    data = np.memmap(file, dtype=np.uint8, mode="r", offset=offset)
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         dtype = info["dtype"]
         if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
@@ -87,14 +93,47 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, np.ndarray]]:
         yield name, data[start:end].view(SAFETENSORS_DTYPES[dtype]).reshape(info["shape"])
 
 
-def _read_torch_bin(file: Path) -> Iterator[tuple[str, np.ndarray]]:
+def _describe(value: Any) -> str:
+    """What a torch file holds at its top level, for a refusal message: key -> type of the first keys."""
+    if not isinstance(value, Mapping):
+        return type(value).__name__
+    items = [f"{k!r}: {type(v).__name__}" for k, v in itertools.islice(value.items(), 12)]
+    more = f", ... ({len(value)} keys)" if len(value) > 12 else ""
+    return "{" + ", ".join(items) + more + "}"
+
+
+def torch_state_dict(loaded: Any, file: Path) -> Mapping[str, Any]:
+    """The tensors of a loaded torch file: a bare state dict, or the one under ``state_dict``.
+
+    The release's loader read ``ckpt["state_dict"]`` until June 2026 (Lightning-style files with
+    ``epoch``, ``global_step``, ...) and a bare state dict since; files of both shapes exist.
+    """
+    import torch
+
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else loaded
+    if isinstance(state, Mapping) and state and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        return state
+    raise ValueError(
+        f"{file}: not a state dict (name -> tensor), bare or under 'state_dict'; found {_describe(loaded)}"
+    )
+
+
+def _load_torch(file: Path) -> Mapping[str, Any]:
     import torch
 
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises UnpicklingError subclasses and RuntimeError here
         raise ValueError(f"{file}: refused to load: not a plain tensor checkpoint ({e})") from e
-    for name, tensor in state.items():
+    return torch_state_dict(loaded, file)
+
+
+def _read_torch_bin(file: Path) -> Iterator[tuple[str, np.ndarray]]:
+    import torch
+
+    for name, tensor in _load_torch(file).items():
         if tensor.dtype == torch.bfloat16:
             yield name, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         else:
@@ -125,6 +164,17 @@ def iter_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
     for file in checkpoint_files(path):
         reader = _read_safetensors if file.suffix == ".safetensors" else _read_torch_bin
         yield from reader(file)
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` of every tensor of a checkpoint, without reading tensor data."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in checkpoint_files(path):
+        if file.suffix == ".safetensors":
+            shapes.update((k, tuple(v["shape"])) for k, v in _safetensors_header(file)[0].items())
+        else:
+            shapes.update((k, tuple(v.shape)) for k, v in _load_torch(file).items())
+    return shapes
 
 
 def _flat_params(model: nnx.Module) -> dict[StatePath, nnx.Variable]:

@@ -30,19 +30,22 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
-    """Architecture plus run-time options (compute dtype, remat, LoRA); ``from_hf`` reads a HF config.json."""
+    """Architecture plus run-time options (compute dtype, remat, LoRA); ``from_hf`` reads a HF config.json.
 
-    vocab_size: int = 151936
-    hidden_size: int = 2560
-    intermediate_size: int = 9728
-    num_hidden_layers: int = 36
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 8
-    head_dim: int = 128
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1_000_000.0
-    max_position_embeddings: int = 40960
-    tie_word_embeddings: bool = True
+    Sizes have no defaults: published ones are presets (:mod:`xemogpt_jax.models.presets`).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
     qk_norm: bool = True
     attention_bias: bool = False
     hidden_act: str = "silu"
@@ -124,11 +127,6 @@ class Qwen3Config:
 
     def replace(self, **changes: Any) -> Qwen3Config:
         return dataclasses.replace(self, **changes)
-
-
-def qwen3_4b(**overrides: Any) -> Qwen3Config:
-    """The paper's LLM (Qwen3-4B) architecture."""
-    return Qwen3Config(**overrides)
 
 
 def parse_dtype(name: str | Any) -> Any:

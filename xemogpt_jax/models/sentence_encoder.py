@@ -183,6 +183,24 @@ def _load_tokenizer(settings: TransformerSettings, max_positions: int) -> Any:
     return tokenizer
 
 
+def output_width(path: str | Path) -> int:
+    """Width of a folder's sentence embeddings, read from its module configs (no weights are loaded).
+
+    Sizes the heads that consume them (the AECB text projection) from the encoder itself.
+    """
+    folder = Path(path)
+    entries = sorted(json.loads((folder / "modules.json").read_text()), key=lambda e: e["idx"])
+    hidden = hf_io.read_config(folder / entries[0]["path"])["hidden_size"]
+    width = hidden
+    for entry in entries[1:]:
+        config_file = folder / entry["path"] / "config.json"
+        if _module_kind(entry) == "Pooling":
+            width = len(pooling_modes(json.loads(config_file.read_text()))) * hidden
+        elif _module_kind(entry) == "Dense":
+            width = json.loads(config_file.read_text())["out_features"]
+    return int(width)
+
+
 class SentenceEncoder:
     """A sentence-transformers folder as a tokenizer plus one jitted JAX pipeline."""
 

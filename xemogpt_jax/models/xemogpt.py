@@ -20,18 +20,17 @@ and passed instead of frames/waveforms, with identical results.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from xemogpt_jax import losses, prompt
-from xemogpt_jax.models import bridges, lora as lora_lib
+from xemogpt_jax.models import bridges
 from xemogpt_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from xemogpt_jax.models.hubert import HubertConfig, HubertModel
 from xemogpt_jax.models.layers import DType
-from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_4b
+from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from xemogpt_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", "length", "embed")
@@ -39,11 +38,17 @@ HIDDEN_AXES = ("batch", "length", "embed")
 
 @dataclasses.dataclass(frozen=True)
 class XEmoGPTConfig:
-    """All parts' configs plus the bridge sizes; ``dtype`` is the compute dtype of CLIP, the VECB and projections."""
+    """All parts' configs plus the bridge sizes; ``dtype`` is the compute dtype of CLIP, the VECB and projections.
 
-    vision: CLIPVisionConfig = CLIPVisionConfig()
-    hubert: HubertConfig = HubertConfig()
-    llm: Qwen3Config = Qwen3Config()
+    The text-head widths are the encoders' (CLIP's projection, the sentence encoder's output), so
+    they have no defaults: :func:`xemogpt_jax.run_config.xemogpt_config` sets them from the run.
+    """
+
+    vision: CLIPVisionConfig
+    hubert: HubertConfig
+    llm: Qwen3Config
+    video_text_dim: int  # CLIP text features after its projection
+    audio_text_dim: int  # sentence-encoder embeddings
     vecb_layers: int = 2
     aecb_layers: int = 2
     num_frames: int = prompt.NUM_VIDEO_TOKENS
@@ -51,8 +56,6 @@ class XEmoGPTConfig:
     max_context: int = prompt.MAX_CONTEXT  # conditioning positions, for prompt.build_sample
     truncate: str = "tail"  # which end of an over-long condition prompt.build_sample keeps
     align_dim: int = bridges.ALIGN_DIM
-    video_text_dim: int = 768  # CLIP text features after its projection
-    audio_text_dim: int = 768  # LaBSE sentence embeddings
     dtype: DType = None
     param_dtype: DType = jnp.float32
     train_encoders: bool = False  # let gradients reach CLIP and HuBERT (tiny random-init demo only)
@@ -73,19 +76,6 @@ class XEmoGPTConfig:
     def num_audio_tokens(self, num_samples: int) -> int:
         """Audio slots for a clip of ``num_samples`` samples: HuBERT frames of its first ``max_audio_samples``."""
         return int(self.hubert.conv_output_length(min(int(num_samples), self.max_audio_samples)))
-
-
-def paper_config(lora: lora_lib.LoraConfig | None = lora_lib.LoraConfig(), **overrides: Any) -> XEmoGPTConfig:
-    """The paper's scale: CLIP ViT-L/14 @224, HuBERT-large (stable layer norm), Qwen3-4B with LoRA on q, k, v."""
-    vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        hidden_act="quick_gelu", layer_norm_eps=1e-5, image_size=224, patch_size=14,
-    )
-    hubert = HubertConfig(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-        feat_extract_norm="layer", conv_bias=True, do_stable_layer_norm=True,
-    )
-    return XEmoGPTConfig(vision=vision, hubert=hubert, llm=qwen3_4b(lora=lora), **overrides)
 
 
 def splice(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +119,26 @@ def release_key_map(name: str) -> Target | None:
 def peft_key_map(name: str) -> Target | None:
     """A name of PEFT's ``adapter_model.safetensors`` -> our LoRA factor."""
     return lora_target(name[len(PEFT_PREFIX) :]) if name.startswith(PEFT_PREFIX) else None
+
+
+def release_bridge_sizes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Bridge sizes a release state dict's own tensor shapes fix (only those its tensors show).
+
+    A release built around another CLIP or sentence encoder carries text heads of that width; reading
+    it here means the import needs no config that repeats it.
+    """
+    sizes: dict[str, int] = {}
+    for name, field in (("visual_encoder.text_project.weight", "video_text_dim"),
+                        ("audio_encoder.text_project.weight", "audio_text_dim")):
+        if name in shapes:
+            sizes["align_dim"], sizes[field] = shapes[name]
+    if "visual_encoder.position_embedding" in shapes:
+        sizes["num_frames"] = shapes["visual_encoder.position_embedding"][-2]
+    layers = [found[0] + 1 for name in shapes for prefix in (VECB_LAYER, AECB_LAYER)
+              if name.startswith(prefix) and (found := _bridge_layer(name, prefix))]
+    if layers:
+        sizes["bridge_layers"] = max(layers)
+    return sizes
 
 
 # ---------------------------------------------------------------- export
@@ -268,11 +288,11 @@ class ModelSpec:
     llm: dict[str, Any]
     vision: dict[str, Any]
     hubert: dict[str, Any]
+    video_text_dim: int
+    audio_text_dim: int
     bridge_layers: int = 2
     num_frames: int = 16
     align_dim: int = 768
-    video_text_dim: int = 768
-    audio_text_dim: int = 768
     lora: dict[str, Any] | None = None
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
