@@ -14,6 +14,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from xemogpt_jax import cli_checks, config_checks
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/sft.py:tiny.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and metrics.jsonl go here.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detected cluster).")
@@ -33,15 +35,17 @@ def initialize_distributed() -> None:
         )
 
 
+@cli_checks.command
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+    config = _CONFIG.value
+    config_checks.check_train_config(config)
     initialize_distributed()
     from xemogpt_jax import stages, trainer
 
-    config = _CONFIG.value
     try:
         trainer.run(config, _WORKDIR.value, stages.task_for(config))
     except trainer.NonFiniteLossError as error:
