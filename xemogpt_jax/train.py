@@ -56,7 +56,11 @@ def main(argv: list[str]) -> int:
 
 
 def cli() -> None:
-    """The ``xemogpt-train`` command."""
+    """The ``xemogpt-train`` command; ``--help`` shows this module's usage and flags (absl's shows the wrapper's)."""
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(__doc__)
+        print(flags.FLAGS.module_help(__name__))
+        return
     app.run(main)
 
 
