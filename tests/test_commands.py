@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from configs import sft
 from data_pipelines import synth
 from tests.command_fixtures import tiny_hf_folders, tree_hashes
-from xemogpt_jax import checkpoint, export_pytorch
+from xemogpt_jax import checkpoint, cli_checks, config_checks, export_pytorch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -216,3 +217,21 @@ def test_an_export_that_fails_midway_leaves_out_as_it_was(tiny, tmp_path, monkey
     with pytest.raises(OSError, match="disk full"):
         export_pytorch.main([*args[:3], str(tmp_path / "fresh"), *args[4:]])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+
+
+def test_train_checks_that_each_init_from_folder_is_of_its_kind(tiny):
+    config = sft.get_config("tiny")
+    config.data.train_dir = str(tiny["world"] / "train")
+    config.init_from.tokenizer = str(tiny["world"] / "tokenizer")
+    config.init_from.model = str(tiny["imported"])
+    config.init_from.video_bridge = str(tiny["stage1"])
+    config_checks.check_train_config(config)
+
+    config.init_from.model = str(tiny["stage1"])
+    config.init_from.audio_bridge = str(tiny["stage1"])
+    config.init_from.clip = str(tiny["world"])
+    with pytest.raises(cli_checks.UsageError) as error:
+        config_checks.check_train_config(config)
+    assert [line.split(":")[0] for line in error.value.lines] == [
+        "--config.init_from.model", "--config.init_from.clip", "--config.init_from.audio_bridge"]
+    assert "no config.json" in error.value.lines[1] and "align_audio" in error.value.lines[2]

@@ -42,7 +42,7 @@ def _check_weights(problems: Problems, config: ml_collections.ConfigDict) -> Non
     paper = config.get("variant", "paper") == "paper"
     imported = init.get("model", "")
     if imported:
-        problems.checkpoint(flag("init_from.model"), imported)
+        _check_imported_model(problems, flag("init_from.model"), imported)
     for field in HF_FIELDS[stage]:
         if init.get(field):
             problems.hf_folder(flag(f"init_from.{field}"), init[field], f"a HuggingFace folder of {PUBLISHED[field]}")
@@ -59,6 +59,15 @@ def _check_weights(problems: Problems, config: ml_collections.ConfigDict) -> Non
     for field, wanted in BRIDGE_FIELDS.items():
         if init.get(field):
             _check_bridge_workdir(problems, flag(f"init_from.{field}"), init[field], wanted)
+
+
+def _check_imported_model(problems: Problems, name: str, folder: str) -> None:
+    from xemogpt_jax.models.xemogpt_params import ModelSpec
+
+    stored = problems.checkpoint(name, folder)
+    if stored is not None and not ModelSpec.describes(stored):
+        problems.add(name, f"{folder} holds a {stored.get('stage')!r} training run, not a model checkpoint of "
+                           "xemogpt-import")
 
 
 def _check_bridge_workdir(problems: Problems, name: str, workdir: str, wanted: str) -> None:

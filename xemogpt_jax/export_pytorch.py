@@ -11,6 +11,9 @@
   projections), for the authors' model to load with ``strict=False``.
 - ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors``, for ``peft.PeftModel.from_pretrained``.
 
+``--out`` must be a new or empty folder (``--overwrite`` replaces an earlier export) outside every folder
+the model is read from; files appear there only once all are written (:mod:`xemogpt_jax.export_target`).
+
 The checkpoint is restored straight onto the mesh (``--mesh``); safetensors files are written one
 tensor at a time, each gathered alone, so no host ever holds the whole model. (The ``.ckpt`` file
 is a single torch pickle and does hold the trainable parts in memory while it is written.)

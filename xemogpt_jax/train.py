@@ -41,9 +41,9 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+    initialize_distributed()  # before the checks: reading a checkpoint's config starts JAX's backends
     config = _CONFIG.value
     config_checks.check_train_config(config)
-    initialize_distributed()
     from xemogpt_jax import stages, trainer
 
     try:
