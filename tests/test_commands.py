@@ -154,6 +154,8 @@ def test_paper_configs_without_weights_say_what_to_download(tmp_path):
                        "TencentGameMate/chinese-hubert-large", "--config.data.train_dir")
     _, err = run("train", "--config=configs/align_audio.py", f"--workdir={tmp_path}", expect=2)
     assert_usage_error(err, "--config.init_from.text_encoder", "sentence-transformers/LaBSE")
+    _, err = run("train", "--config=configs/nope.py:tiny", f"--workdir={tmp_path}", expect=2)
+    assert_usage_error(err, "--config: configs/nope.py: no such file")
     assert not any(tmp_path.iterdir())
 
 

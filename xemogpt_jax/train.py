@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from absl import logging as absl_logging
+import ml_collections
 from ml_collections import config_flags
 
 from xemogpt_jax import cli_checks, config_checks
@@ -35,6 +37,17 @@ def initialize_distributed() -> None:
         )
 
 
+def _config() -> ml_collections.ConfigDict:
+    """The ``--config`` file's config; a file that did not load is a usage error (absl holds a stand-in that
+    raises its traceback on first use)."""
+    config = _CONFIG.value
+    if not isinstance(config, ml_collections.ConfigDict):
+        file = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")[0]
+        problem = "does not load (run it with python to see why)" if Path(file).is_file() else "no such file"
+        raise cli_checks.UsageError(f"--config: {file}: {problem}")
+    return config
+
+
 @cli_checks.command
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
@@ -42,8 +55,7 @@ def main(argv: list[str]) -> int:
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     initialize_distributed()  # before the checks: reading a checkpoint's config starts JAX's backends
-    config = _CONFIG.value
-    config_checks.check_train_config(config)
+    config_checks.check_train_config(config := _config())
     from xemogpt_jax import stages, trainer
 
     try:
