@@ -221,19 +221,19 @@ def test_an_export_that_fails_midway_leaves_out_as_it_was(tiny, tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
 
 
-def test_train_checks_that_each_init_from_folder_is_of_its_kind(tiny):
+def test_train_checks_each_init_from_folder_and_the_workdir_it_resumes(tiny):
     config = sft.get_config("tiny")
     config.data.train_dir = str(tiny["world"] / "train")
     config.init_from.tokenizer = str(tiny["world"] / "tokenizer")
     config.init_from.model = str(tiny["imported"])
     config.init_from.video_bridge = str(tiny["stage1"])
-    config_checks.check_train_config(config)
+    config_checks.check_train_config(config, str(tiny["world"]))
 
     config.init_from.model = str(tiny["stage1"])
     config.init_from.audio_bridge = str(tiny["stage1"])
     config.init_from.clip = str(tiny["world"])
     with pytest.raises(cli_checks.UsageError) as error:
-        config_checks.check_train_config(config)
+        config_checks.check_train_config(config, str(tiny["stage1"]))
     assert [line.split(":")[0] for line in error.value.lines] == [
-        "--config.init_from.model", "--config.init_from.clip", "--config.init_from.audio_bridge"]
+        "--config.init_from.model", "--config.init_from.clip", "--config.init_from.audio_bridge", "--workdir"]
     assert "no config.json" in error.value.lines[1] and "align_audio" in error.value.lines[2]

@@ -95,7 +95,7 @@ class Problems:
     def checkpoint(self, flag: str, path: str | Path | None, step: int | None = None,
                    step_flag: str = "--step") -> dict[str, Any] | None:
         """An Orbax checkpoint (a trainer workdir, its ``checkpoints/`` or an imported model): its stored config."""
-        if not self.folder(flag, path):
+        if path is None or str(path) == "" or not self.folder(flag, path):
             return None
         from xemogpt_jax import checkpoint
 

@@ -99,8 +99,19 @@ def _check_data(problems: Problems, config: ml_collections.ConfigDict) -> None:
     problems.records_folder(flag("data.eval_dir"), config.data.get("eval_dir", ""))
 
 
-def check_train_config(config: ml_collections.ConfigDict) -> None:
-    """Raise one :class:`~xemogpt_jax.cli_checks.UsageError` naming every unusable path the run reads."""
+def _check_workdir(problems: Problems, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """A workdir that holds checkpoints is resumed, so they must be of this run's stage."""
+    checkpoints = Path(workdir) / "checkpoints"
+    if not checkpoints.is_dir():
+        return
+    stored = problems.checkpoint("--workdir", checkpoints)
+    if stored is not None and stored.get("stage") != config.stage:
+        problems.add("--workdir", f"{workdir} holds a {stored.get('stage')!r} run, which this {config.stage!r} run "
+                                  "would resume; choose a new workdir")
+
+
+def check_train_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raise one :class:`~xemogpt_jax.cli_checks.UsageError` naming every unusable path the run reads or resumes."""
     problems = Problems()
     if config.get("stage") not in HF_FIELDS:
         problems.add("--config", f"unknown stage {config.get('stage')!r}; known: {sorted(HF_FIELDS)}")
@@ -108,5 +119,6 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     _check_weights(problems, config)
     _check_tokenizer(problems, config)
     _check_data(problems, config)
+    _check_workdir(problems, config, workdir)
     problems.raise_if_any()
 

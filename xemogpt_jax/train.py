@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     initialize_distributed()  # before the checks: reading a checkpoint's config starts JAX's backends
-    config_checks.check_train_config(config := _config())
+    config_checks.check_train_config(config := _config(), _WORKDIR.value)
     from xemogpt_jax import stages, trainer
 
     try:
