@@ -11,8 +11,10 @@ import importlib
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 import urllib.request
 from pathlib import Path
@@ -200,6 +202,20 @@ def test_export_never_writes_where_the_model_is_read_from(tiny, capsys):
         assert_usage_error(capsys.readouterr().err, "--out", "overlaps")
     assert {folder: tree_hashes(tiny[folder]) for folder in ("hf", "imported")} == before
     assert not (tiny["llm"] / "sub").exists()
+
+
+def test_an_export_killed_while_writing_leaves_no_model_at_out(tiny, tmp_path):
+    out = tmp_path / "exported"
+    args = ("--checkpoint", tiny["imported"], "--out", out, "--format", "xemogpt")
+    export = start("export", *args)
+    while not out.with_name(".exported.partial").exists():
+        assert export.poll() is None, export.communicate()
+        time.sleep(0.005)
+    export.send_signal(signal.SIGKILL)
+    export.communicate()
+    assert export.returncode == -signal.SIGKILL and not out.exists()
+    run("export", *args)  # clears the killed run's folder
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]
 
 
 def test_an_export_that_fails_midway_leaves_out_as_it_was(tiny, tmp_path, monkeypatch):
