@@ -32,18 +32,14 @@ from data_pipelines.annotations import Annotation, AnnotationFileError, BadRow, 
 from data_pipelines.media import MediaError, decode_audio, decode_video
 from data_pipelines.records import MANIFEST_NAME, SKIPPED_NAME, shard_name
 from data_pipelines.schema import SCHEMA_VERSION, RecordValidationError, encode_record, make_record
+from xemogpt_jax.cli_checks import Problems, UsageError, command
 
 EXIT_OK = 0
-EXIT_USAGE = 2
 EXIT_SKIPPED = 3
 WRITER_OPTIONS = "group_size:1"
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class UsageError(Exception):
-    """A problem with the build's inputs as a whole (exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -207,10 +203,14 @@ def _write_shard(index: int, span: tuple[int, int], results: Iterator[bytes | Ba
 
 def build(config: BuildConfig, show_progress: bool = True) -> dict[str, Any]:
     """Builds (or finishes) the shards and returns the manifest; raises UsageError for unusable inputs."""
-    if not config.media_root.is_dir():
-        raise UsageError(f"media root {config.media_root} is not a directory")
-    if config.num_shards < 1 or config.workers < 1 or config.frame_size < 1:
-        raise UsageError("--num-shards, --workers and --frame-size must be positive")
+    problems = Problems()
+    problems.file("--annotations", config.annotations)
+    problems.folder("--media-root", config.media_root)
+    for flag, value in (("--num-shards", config.num_shards), ("--workers", config.workers),
+                        ("--frame-size", config.frame_size)):
+        if value < 1:
+            problems.add(flag, f"{value}: must be positive")
+    problems.raise_if_any()
     try:
         entries = mark_duplicates(read_annotations(config.annotations, config.columns))
     except AnnotationFileError as error:
@@ -262,13 +262,10 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                        allow_missing_audio=args.allow_missing_audio, columns=columns)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    try:
-        manifest = build(config)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    manifest = build(config)
     print(f"wrote {manifest['num_records']} records in {config.num_shards} shards to {config.out}; "
           f"skipped {manifest['num_skipped']} (see {config.out / SKIPPED_NAME})", file=sys.stderr)
     return EXIT_SKIPPED if manifest["num_skipped"] else EXIT_OK

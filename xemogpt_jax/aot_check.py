@@ -15,6 +15,8 @@ import sys
 import time
 from types import SimpleNamespace
 
+from xemogpt_jax import cli_checks
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,8 +56,23 @@ def gib(n: float) -> str:
     return f"{n / 2**30:9.3f} GiB"
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """A loadable stage-3 config and a usable mesh, before JAX is configured."""
+    problems = cli_checks.Problems()
+    config = problems.config("--config", args.config)
+    if config is not None and config.get("stage") != "sft":
+        problems.add("--config", f"{args.config} is stage {config.get('stage')!r}; aot_check compiles the stage-3 "
+                                 "(sft) step")
+    mesh = args.mesh.split(",")
+    if not (2 <= len(mesh) <= 3 and all(s.isdigit() and int(s) > 0 for s in mesh)):
+        problems.add("--mesh", f"{args.mesh!r}: expected 2 or 3 positive sizes, data,fsdp[,tensor]")
+    problems.raise_if_any()
+
+
+@cli_checks.command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_args(args)
     mesh_shape = tuple(int(s) for s in args.mesh.split(","))
     mesh_shape = mesh_shape + (1,) * (3 - len(mesh_shape))
     import jax
@@ -68,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     from xemogpt_jax.models.xemogpt import XEmoGPT
 
     config = config_files.load(args.config)
-    if config.stage != "sft":
-        raise SystemExit(f"aot_check compiles the stage-3 step; {args.config} is stage {config.stage!r}")
     tokenizer = SimpleNamespace(eos_token_id=1, pad_token_id=0)  # only ids are read; no tokenizer files needed
     model_config = run_config.xemogpt_config(config, tokenizer)
     trainable = stages.sft_trainable(config)

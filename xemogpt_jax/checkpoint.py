@@ -115,6 +115,12 @@ class Checkpointer:
         self.manager.close()
 
 
+def steps(directory: str | Path) -> list[int]:
+    """The steps saved in ``directory``; empty when it holds no checkpoint (or is not a checkpoint folder)."""
+    with ocp.CheckpointManager(resolve(directory), item_handlers=_handlers()) as manager:
+        return list(manager.all_steps())
+
+
 def restore_config(directory: str | Path, step: int | None = None) -> dict[str, Any]:
     """The config a checkpoint was trained with."""
     with ocp.CheckpointManager(resolve(directory), item_handlers=_handlers()) as manager:

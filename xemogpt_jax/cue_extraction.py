@@ -31,7 +31,6 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 AXES = ("visual", "auditory", "emotional")
 Messages = list[dict[str, str]]

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from xemogpt_jax import cli_checks
+
 AXES = ("visual", "auditory", "emotional")
 SUBTITLE_MARKER = "text"
 
@@ -175,8 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The input files (and the embedder or local checkpoint) named with their flags, before any work."""
+    problems = cli_checks.Problems()
+    if args.command == "score":
+        problems.file("--pred", args.pred)
+        problems.file("--gt", args.gt)
+        problems.sentence_transformers_folder("--embedder", args.embedder)
+    else:
+        problems.file("--in", args.input)
+        problems.file("--prompt-file", args.prompt_file)
+        if args.backend == "local":
+            if args.checkpoint is None:
+                problems.add("--checkpoint", "--backend local needs a model checkpoint")
+            problems.explainer_checkpoint("--checkpoint", args.checkpoint, "emocue360 extract --backend local")
+    problems.raise_if_any()
+
+
+@cli_checks.command
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
     return args.run(args)
 
 

@@ -11,6 +11,9 @@
   projections), for the authors' model to load with ``strict=False``.
 - ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors``, for ``peft.PeftModel.from_pretrained``.
 
+``--out`` must be a new or empty folder (``--overwrite`` replaces an earlier export) outside every folder
+the model is read from; files appear there only once all are written (:mod:`xemogpt_jax.export_target`).
+
 The checkpoint is restored straight onto the mesh (``--mesh``); safetensors files are written one
 tensor at a time, each gathered alone, so no host ever holds the whole model. (The ``.ckpt`` file
 is a single torch pickle and does hold the trainable parts in memory while it is written.)
@@ -29,7 +32,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from xemogpt_jax import run_config, sharding
+from xemogpt_jax import cli_checks, export_target, run_config, sharding
 from xemogpt_jax.model_checkpoint import restore_model
 from xemogpt_jax.models import lora as lora_lib
 from xemogpt_jax.models import xemogpt_params
@@ -114,26 +117,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="model checkpoint directory (tools/import_weights.py)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="a new or empty folder (written whole, or not at all)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out, an earlier export")
     parser.add_argument("--format", required=True, choices=("hf", "xemogpt", "peft"))
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor mesh shape to restore onto")
     return parser.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The checkpoint must hold a whole model and ``--out`` must be safe to write, before anything is loaded."""
+    problems = cli_checks.Problems()
+    stored = problems.explainer_checkpoint("--checkpoint", args.checkpoint, "export", args.step)
+    sources = export_target.read_from(args.checkpoint, stored) if stored is not None else [Path(args.checkpoint)]
+    export_target.check_out(problems, "--out", args.out, args.overwrite, sources)
+    problems.raise_if_any()
+
+
+@cli_checks.command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    check_args(args)
     mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
-    out = Path(args.out)
     with jax.set_mesh(mesh):
         model, spec = restore_model(args.checkpoint, mesh, args.step)
-        if args.format == "hf":
-            export_hf(model, spec, out, args.dtype)
-        elif args.format == "xemogpt":
-            export_xemogpt(model, out, args.dtype)
-        else:
-            export_peft(model, spec, out, args.dtype)
-    print(f"wrote {args.format} export ({args.dtype}) to {out}")
+        with export_target.staged(args.out) as out:
+            if args.format == "hf":
+                export_hf(model, spec, out, args.dtype)
+            elif args.format == "xemogpt":
+                export_xemogpt(model, out, args.dtype)
+            else:
+                export_peft(model, spec, out, args.dtype)
+    print(f"wrote {args.format} export ({args.dtype}) to {args.out}")
     return 0
 
 

@@ -37,7 +37,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from xemogpt_jax import config_files, model_checkpoint, run_config, sharding
+from xemogpt_jax import cli_checks, config_files, model_checkpoint, run_config, sharding
 from xemogpt_jax.models import hf_io, xemogpt_params
 from xemogpt_jax.models.xemogpt import XEmoGPT
 from xemogpt_jax.models.xemogpt_params import ModelSpec
@@ -128,10 +128,22 @@ def init_unset(model: XEmoGPT, factory: Callable[[], XEmoGPT], mesh: Mesh) -> No
         variable.set_value(value)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every source folder of the right kind and the config loadable, all named at once, before any reading."""
+    problems = cli_checks.Problems()
+    for flag, what in (("--llm", "a HuggingFace Qwen3 causal-LM folder"), ("--clip", "a HuggingFace CLIP folder"),
+                       ("--hubert", "a HuggingFace HuBERT folder")):
+        problems.hf_folder(flag, getattr(args, flag[2:]), what)
+    problems.sentence_transformers_folder("--labse", args.labse)
+    problems.file("--release-ckpt", args.release_ckpt)
+    problems.folder("--adapter", args.adapter, holding=("adapter_config.json",), kind="a PEFT LoRA adapter folder")
+    problems.config("--config", args.config)
+    problems.raise_if_any()
+
+
 def import_weights(args: argparse.Namespace) -> tuple[ModelSpec, hf_io.LoadReport]:
     """Build, fill and save the model; returns its spec and what the load used."""
-    if args.labse and not (Path(args.labse) / "modules.json").is_file():
-        raise FileNotFoundError(f"{args.labse}: no modules.json; expected a sentence-transformers folder")
+    check_args(args)
     spec = build_spec(args)
     config = run_config.xemogpt_config(spec.run_config())
     mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
@@ -181,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> hf_io.LoadReport:
     return report
 
 
+@cli_checks.command
 def cli(argv: Sequence[str] | None = None) -> int:
     """The ``xemogpt-import`` command: :func:`main` with an exit status."""
     main(argv)

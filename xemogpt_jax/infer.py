@@ -32,10 +32,11 @@ import tqdm
 
 from data_pipelines import annotations as annotations_lib
 from data_pipelines import media, records, schema
+from xemogpt_jax import cli_checks
 from xemogpt_jax import explainer as explainer_lib
 from xemogpt_jax.explainer import Clip, Decoding, Explainer
 
-EXIT_OK, EXIT_USAGE, EXIT_MEDIA = 0, 2, 3
+EXIT_OK, EXIT_MEDIA = 0, 3
 
 
 @functools.lru_cache(maxsize=2)
@@ -186,6 +187,22 @@ def run_batch(model: Explainer, batch: Path, out: Path, media_root: Path, decodi
     return counts
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every input path named with its flag, before the model is loaded."""
+    problems = cli_checks.Problems()
+    problems.explainer_checkpoint("--checkpoint", args.checkpoint, "infer", args.step)
+    problems.tokenizer_folder("--tokenizer", args.tokenizer)
+    problems.file("--video", args.video)
+    problems.file("--audio", args.audio)
+    if args.batch is not None and args.batch.is_dir():
+        problems.records_folder("--batch", args.batch)
+    else:
+        problems.file("--batch", args.batch)
+    problems.folder("--media-root", args.media_root)
+    problems.raise_if_any()
+
+
+@cli_checks.command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -197,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         decoding = decoding_from(args)
     except ValueError as error:
         parser.error(str(error))
+    check_args(args)
     model = load_cached(str(args.checkpoint), args.tokenizer, args.step)
     if args.batch is not None:
         media_root = args.media_root or args.batch.parent

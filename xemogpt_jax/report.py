@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from xemogpt_jax import cli_checks
+
 AXES = ("visual", "auditory", "emotional")
 METRICS = (("precision", "P", "#4c72b0"), ("recall", "R", "#dd8452"), ("f1", "F1", "#55a868"))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -254,6 +256,7 @@ def _read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+@cli_checks.command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xemogpt_jax.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scores", required=True, help="output of `emocue360 score --out`")
@@ -265,6 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--frames", help="built records folder (with manifest.json) or a folder of images")
     parser.add_argument("--out", required=True, help="HTML file to write")
     args = parser.parse_args(argv)
+    problems = cli_checks.Problems()
+    for flag in ("--scores", "--pred", "--gt", "--explanations"):
+        problems.file(flag, getattr(args, flag[2:]))
+    problems.folder("--frames", args.frames)
+    problems.raise_if_any()
 
     scores = _read_json(args.scores)
     names = set(scores["samples"])

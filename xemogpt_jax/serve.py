@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from data_pipelines import media
+from xemogpt_jax import cli_checks
 from xemogpt_jax import explainer as explainer_lib
 from xemogpt_jax import infer
 from xemogpt_jax.explainer import Clip, Decoding, Explainer
@@ -356,9 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli_checks.command
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    problems = cli_checks.Problems()
+    problems.explainer_checkpoint("--checkpoint", args.checkpoint, "serve")
+    problems.tokenizer_folder("--tokenizer", args.tokenizer)
+    problems.raise_if_any()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         defaults = infer.decoding_from(args)

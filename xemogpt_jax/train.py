@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from absl import logging as absl_logging
+import ml_collections
 from ml_collections import config_flags
+
+from xemogpt_jax import cli_checks, config_checks
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/sft.py:tiny.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and metrics.jsonl go here.")
@@ -33,15 +37,27 @@ def initialize_distributed() -> None:
         )
 
 
+def _config() -> ml_collections.ConfigDict:
+    """The ``--config`` file's config; a file that did not load is a usage error (absl holds a stand-in that
+    raises its traceback on first use)."""
+    config = _CONFIG.value
+    if not isinstance(config, ml_collections.ConfigDict):
+        file = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")[0]
+        problem = "does not load (run it with python to see why)" if Path(file).is_file() else "no such file"
+        raise cli_checks.UsageError(f"--config: {file}: {problem}")
+    return config
+
+
+@cli_checks.command
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
-    initialize_distributed()
+    initialize_distributed()  # before the checks: reading a checkpoint's config starts JAX's backends
+    config_checks.check_train_config(config := _config(), _WORKDIR.value)
     from xemogpt_jax import stages, trainer
 
-    config = _CONFIG.value
     try:
         trainer.run(config, _WORKDIR.value, stages.task_for(config))
     except trainer.NonFiniteLossError as error:
@@ -52,7 +68,11 @@ def main(argv: list[str]) -> int:
 
 
 def cli() -> None:
-    """The ``xemogpt-train`` command."""
+    """The ``xemogpt-train`` command; ``--help`` shows this module's usage and flags (absl's shows the wrapper's)."""
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(__doc__)
+        print(flags.FLAGS.module_help(__name__))
+        return
     app.run(main)
 
 
