@@ -13,7 +13,7 @@ import ml_collections
 
 from xemogpt_jax.cli_checks import STAGE_NAMES, Problems
 
-# The published models the paper's stages start from (spec sections 2 and 4).
+# The published models the paper's stages start from (docs/architecture.md, sections 2 and 4).
 PUBLISHED = {
     "llm": "Qwen/Qwen3-4B",
     "clip": "openai/clip-vit-large-patch14",
