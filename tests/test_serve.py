@@ -131,6 +131,13 @@ def test_file_url_under_media_root_and_explain_upload(client, server, infer_reco
                        content=wav.read_bytes(), headers={"Content-Type": "audio/wav", "Authorization": f"Bearer {KEY}"},
                        timeout=600)
     assert reply.status_code == 200 and reply.json()["batch_size"] >= 1 and "explanation" in reply.json()
+    auth = {"Authorization": f"Bearer {KEY}"}
+    by_path = httpx.post(server.url + "/v1/explain", json={"video": video.name, "instruction": INSTRUCTION,
+                                                           "greedy": True, "num_beams": 1, "max_new_tokens": NEW_TOKENS},
+                         headers=auth, timeout=600)
+    assert by_path.status_code == 200 and by_path.json()["explanation"]
+    outside = httpx.post(server.url + "/v1/explain", json={"video": "../../etc/passwd"}, headers=auth, timeout=60)
+    assert outside.status_code == 403 and "outside --media-root" in outside.json()["error"]["message"]
 
 
 def test_api_key_is_required(server):
@@ -226,6 +233,9 @@ def test_32_concurrent_streaming_clients_all_complete(server, infer_record):
     _, sequential_s = asyncio.run(run(4, False))
     assert [text for text, _ in results] == [infer_record["explanation"]] * 32
     assert all(finish in ("stop", "length") for _, finish in results)
+    metrics = httpx.get(server.url + "/metrics", timeout=60).text
+    single = int(metrics.split('xemogpt_batch_size_bucket{le="1"} ')[1].split()[0])
+    assert single < int(metrics.split("xemogpt_batch_size_count ")[1].split()[0]), "concurrent clips were not batched"
     print(f"\n32 concurrent streaming clients: {32 / concurrent_s:.2f} answers/s ({concurrent_s:.1f} s); "
           f"one at a time: {4 / sequential_s:.2f} answers/s ({sequential_s / 4:.2f} s each)")
 
