@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
@@ -27,11 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
+from fastapi.testclient import TestClient
 from infer_fixtures import build_model, save_tokenizer, script_reply, shared_clip, tiny_run_config, write_checkpoint
 
 from xemogpt_jax import infer, serve
 from xemogpt_jax.explainer import Decoding
-from xemogpt_jax.serving.app import Settings
+from xemogpt_jax.serving.app import ServingState, Settings, build_app
+from xemogpt_jax.serving.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
@@ -298,3 +301,25 @@ def test_emocue360_extract_openai_backend_against_our_server(scripted_server, tm
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text()) == {name: json.loads(REPLY) for name in ("clip_a", "clip_b")}
+
+
+class _StuckBatcher:
+    """A batching thread that never answers: what a request sees when the model is too slow."""
+
+    metrics = Metrics()
+    queue_depth = 0
+
+    def submit(self, *args, **kwargs) -> Future:
+        return Future()
+
+
+def test_request_timeout_gets_504_and_draining_gets_503():
+    state = ServingState()
+    app = build_app(None, _StuckBatcher(), Settings(request_timeout_s=0.2), state)
+    body = {"model": "xemogpt", "messages": [{"role": "user", "content": "hello"}]}
+    with TestClient(app) as client:
+        reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 504 and "0.2 s" in reply.json()["error"]["message"]
+        state.draining = True
+        assert client.post("/v1/chat/completions", json=body).status_code == 503
+        assert client.get("/health").status_code == 503
