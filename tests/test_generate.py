@@ -10,7 +10,7 @@ import torch
 from qwen_fixtures import EOS, padded_batch, save_tiny_hf
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from xemogpt_jax.generate import GenerationConfig, generate, top_p_filter
+from xemogpt_jax.generate import GenerationConfig, generate, generate_scored, top_p_filter
 from xemogpt_jax.models import qwen3_params
 
 PAD = 0
@@ -72,6 +72,34 @@ def test_beam_search_best_sequences_match_transformers(tiny):
     no_eos = GenerationConfig(max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD, num_beams=4)
     ours = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=no_eos))
     np.testing.assert_array_equal(ours, _hf_new_tokens(hf_model, ids, mask, 10, num_beams=4))
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_token_logprobs_match_transformers_scores(tiny, beams):
+    """Greedy: log-softmax of HF's raw logits at each chosen token; beams: HF's transition scores of the best beam."""
+    hf_model, model = tiny
+    ids, mask = padded_batch([7, 4], 7, left=True, seed=11)
+    n, top = 6, 3
+    with torch.no_grad():
+        out = hf_model.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask), max_new_tokens=n,
+            min_new_tokens=n, pad_token_id=PAD, eos_token_id=EOS, do_sample=False, num_beams=beams,
+            output_logits=True, output_scores=True, return_dict_in_generate=True,
+        )
+    raw = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
+    if beams == 1:
+        expected = torch.gather(raw, 2, out.sequences[:, ids.shape[1]:, None])[..., 0].numpy()
+    else:
+        expected = hf_model.compute_transition_scores(out.sequences, out.scores, out.beam_indices).numpy()
+    config = GenerationConfig(max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD, num_beams=beams,
+                              top_logprobs=top)
+    ours = generate_scored(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=config)
+    np.testing.assert_array_equal(np.asarray(ours.tokens), out.sequences[:, ids.shape[1]:].numpy())
+    np.testing.assert_allclose(np.asarray(ours.logprobs), expected, atol=1e-5)
+    if beams == 1:
+        top_values, top_ids = torch.topk(raw, top, dim=-1)
+        np.testing.assert_array_equal(np.asarray(ours.top_ids), top_ids.numpy())
+        np.testing.assert_allclose(np.asarray(ours.top_logprobs), top_values.numpy(), atol=1e-5)
 
 
 def test_top_p_filter_matches_transformers_warper():

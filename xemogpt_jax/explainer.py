@@ -19,6 +19,7 @@ trainer initialised them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from flax import nnx
 from data_pipelines import media, schema
 from xemogpt_jax import checkpoint as checkpoint_lib
 from xemogpt_jax import model_checkpoint, prompt, run_config, sharding
-from xemogpt_jax.generate import GenerationConfig, generate
+from xemogpt_jax.generate import GenerationConfig, generate_scored
 from xemogpt_jax.models import clip_params, hf_io, hubert_params, lora as lora_lib, qwen3_params
 from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig
 from xemogpt_jax.preprocessing import audio as audio_pre
@@ -66,12 +67,14 @@ class Decoding:
 
 @dataclasses.dataclass(frozen=True)
 class Clip:
-    """One input: frames uint8 ``[F, S, S, 3]`` (already CLIP-cropped), mono 16 kHz float audio, subtitle."""
+    """One input: frames uint8 ``[F, S, S, 3]`` (already CLIP-cropped), mono 16 kHz float audio, subtitle, and
+    the question asked about it (``None``: the explainer's instruction)."""
 
     clip_id: str
     frames: np.ndarray | None = None
     audio: np.ndarray | None = None
     subtitle: str = ""
+    instruction: str | None = None
 
     def __post_init__(self) -> None:
         if self.frames is None and self.audio is None:
@@ -80,7 +83,7 @@ class Clip:
 
 def read_clip(
     clip_id: str, video: str | Path | None = None, audio: str | Path | None = None, subtitle: str = "",
-    *, frame_size: int = 224, num_frames: int = schema.NUM_FRAMES,
+    *, frame_size: int = 224, num_frames: int = schema.NUM_FRAMES, instruction: str | None = None,
 ) -> Clip:
     """Decode a clip's media; without ``audio``, the video's own audio track is used when it has one.
 
@@ -100,7 +103,37 @@ def read_clip(
                 raise
     if waveform is not None:
         waveform = waveform.astype(np.float32) / 32768.0
-    return Clip(clip_id, frames, waveform, subtitle)
+    return Clip(clip_id, frames, waveform, subtitle, instruction)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """A generated answer with what the API and ``infer --json`` report about it.
+
+    ``token_ids`` are the generated tokens before the first EOS (the text is their decoding under
+    the release's rule), ``token_logprobs`` their log-probabilities under the raw logits and
+    ``top_logprobs`` the step's most likely ``(id, logprob)`` pairs when asked for;
+    ``generated_tokens`` also counts the EOS when one was produced.
+    """
+
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    prompt_tokens: int
+    generated_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """Teacher-forced log-likelihood of one given answer: its tokens then EOS, each token's log-prob."""
+
+    token_ids: list[int]
+    token_logprobs: list[float]
+
+    @property
+    def logprob(self) -> float:
+        return float(np.sum(np.asarray(self.token_logprobs, np.float64)))
 
 
 def clip_from_record(record: dict[str, Any]) -> Clip:
@@ -202,19 +235,32 @@ class Explainer:
                 break
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def _generate(self, embeds: jax.Array, attention_mask: np.ndarray, count: int, decoding: Decoding) -> list[str]:
-        config = self.generation_config(decoding)
-        tokens = generate(
+    def _generate(self, embeds: jax.Array, attention_mask: np.ndarray, prompt_tokens: Sequence[int],
+                  decoding: Decoding, top_logprobs: int) -> list[Generation]:
+        config = dataclasses.replace(self.generation_config(decoding), top_logprobs=top_logprobs)
+        out = jax.device_get(generate_scored(
             self.model.llm, inputs_embeds=embeds, attention_mask=jnp.asarray(attention_mask), config=config,
             rng=jax.random.key(decoding.seed),
-        )
-        tokens = np.asarray(tokens)
-        return [self.decode(row, config.eos_token_id) for row in tokens[:count]]
+        ))
+        results = []
+        for row, prompt_length in enumerate(prompt_tokens):
+            tokens = [int(t) for t in out.tokens[row]]
+            ends = [i for i, t in enumerate(tokens) if t in config.eos_token_id]
+            length = ends[0] if ends else len(tokens)
+            top = [list(zip(map(int, ids), map(float, values)))
+                   for ids, values in zip(out.top_ids[row, :length], out.top_logprobs[row, :length])]
+            results.append(Generation(
+                text=self.decode(out.tokens[row], config.eos_token_id), token_ids=tokens[:length],
+                token_logprobs=[float(v) for v in out.logprobs[row, :length]], top_logprobs=top,
+                prompt_tokens=prompt_length, generated_tokens=length + 1 if ends else length,
+            ))
+        return results
 
-    def layout(self, clip: Clip) -> prompt.Sample:
+    def layout(self, clip: Clip, target: str | None = None) -> prompt.Sample:
         num_audio = None if clip.audio is None else self.config.num_audio_tokens(len(clip.audio))
         return prompt.build_sample(
-            self.tokenizer, subtitle=clip.subtitle, instruction=self.instruction, num_audio_tokens=num_audio,
+            self.tokenizer, subtitle=clip.subtitle, num_audio_tokens=num_audio, target=target,
+            instruction=self.instruction if clip.instruction is None else clip.instruction,
             has_video=clip.frames is not None, num_video_tokens=self.config.num_frames,
             max_context=self.config.max_context, truncate=self.config.truncate,
         )
@@ -248,10 +294,16 @@ class Explainer:
 
     def explain(self, clips: Sequence[Clip], decoding: Decoding = Decoding()) -> list[str]:
         """One explanation per clip, computed as one padded batch."""
+        return [g.text for g in self.explain_generations(clips, decoding)]
+
+    def explain_generations(self, clips: Sequence[Clip], decoding: Decoding = Decoding(),
+                            top_logprobs: int = 0) -> list[Generation]:
+        """:meth:`explain` with token ids, log-probs (and ``top_logprobs`` alternatives per step) and counts."""
         if not clips:
             return []
         rows = _power_of_two(len(clips))
         samples = [self.layout(c) for c in clips]
+        lengths = [len(s) for s in samples]
         samples += [samples[0]] * (rows - len(samples))
         batch = prompt.collate_for_generation(samples, self._buckets_for(samples), int(self.tokenizer.pad_token_id))
         frames, audio, audio_mask = self._media_arrays(clips, rows)
@@ -259,7 +311,50 @@ class Explainer:
             self._state, jnp.asarray(batch["token_ids"]), jnp.asarray(batch["kind"]),
             jnp.asarray(batch["feature_index"]), frames, audio, audio_mask,
         )
-        return self._generate(embeds, batch["attention_mask"], len(clips), decoding)
+        return self._generate(embeds, batch["attention_mask"], lengths, decoding, top_logprobs)
+
+    def score(self, clips: Sequence[Clip], answers: Sequence[str]) -> list[Score]:
+        """Teacher-forced log-likelihood of ``answers[i]`` (then EOS) after clip ``i``'s prompt; one forward pass.
+
+        The answer is laid out as a training target (:func:`prompt.build_sample` with ``target``), so a
+        score is exactly the negative of the training loss summed over that sample's target tokens.
+        """
+        if len(clips) != len(answers):
+            raise ValueError(f"{len(clips)} clips but {len(answers)} answers")
+        if not clips:
+            return []
+        rows = _power_of_two(len(clips))
+        samples = [self.layout(c, target=a) for c, a in zip(clips, answers)]
+        samples += [samples[0]] * (rows - len(samples))
+        batch = prompt.collate(samples, self._buckets_for(samples), int(self.tokenizer.pad_token_id))
+        frames, audio, audio_mask = self._media_arrays(clips, rows)
+        arrays = {k: jnp.asarray(batch[k]) for k in ("token_ids", "kind", "feature_index", "labels",
+                                                      "attention_mask", "positions")}
+        values = np.asarray(self._label_logprobs(self._state, arrays, frames, audio, audio_mask))
+        scores = []
+        for row in range(len(clips)):
+            targets = batch["labels"][row] != prompt.IGNORE_INDEX
+            scores.append(Score([int(t) for t in batch["labels"][row][targets]],
+                                [float(v) for v in values[row][targets]]))
+        return scores
+
+    @functools.cached_property
+    def _label_logprobs(self):
+        """Jitted ``(state, batch, media) -> [B, L]`` log-prob of each position's label (0 where there is none)."""
+        graphdef = nnx.graphdef(self.model)
+
+        @jax.jit
+        def label_logprobs(state, batch, frames, audio, audio_mask):
+            model = nnx.merge(graphdef, state)
+            embeds = model.input_embeddings(batch["token_ids"], batch["kind"], batch["feature_index"], frames=frames,
+                                            audio=audio, audio_mask=audio_mask)
+            logits = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                               positions=batch["positions"])
+            labels = batch["labels"]
+            picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), jnp.maximum(labels, 0)[..., None], -1)
+            return jnp.where(labels == prompt.IGNORE_INDEX, 0.0, picked[..., 0])
+
+        return label_logprobs
 
     def chat_prompt(self, messages: Messages) -> str:
         """Messages in the template's ``###Human: ... ###Assistant: `` framing (system text first)."""
@@ -274,12 +369,18 @@ class Explainer:
 
     def chat(self, conversations: Sequence[Messages], decoding: Decoding) -> list[str]:
         """One reply per conversation (text only), as one left-padded batch."""
+        return [g.text for g in self.chat_generations(conversations, decoding)]
+
+    def chat_generations(self, conversations: Sequence[Messages], decoding: Decoding,
+                         top_logprobs: int = 0) -> list[Generation]:
+        """:meth:`chat` with token ids, log-probs and counts."""
         if not conversations:
             return []
         pad = int(self.tokenizer.pad_token_id)
         limit = self.config.max_context
         prompts = [[pad] + self.tokenizer.encode(self.chat_prompt(m), add_special_tokens=False)[-limit:]
                    for m in conversations]
+        lengths = [len(p) for p in prompts]
         rows = _power_of_two(len(prompts))
         prompts += [prompts[0]] * (rows - len(prompts))
         width = prompt.pick_bucket(max(map(len, prompts)), self._buckets_for_length(max(map(len, prompts))))
@@ -289,7 +390,7 @@ class Explainer:
             ids[i, width - len(p):] = p
             mask[i, width - len(p):] = 1
         embeds = self.model.llm.embed(jnp.asarray(ids))
-        return self._generate(embeds, mask, len(conversations), decoding)
+        return self._generate(embeds, mask, lengths, decoding, top_logprobs)
 
     def _buckets_for_length(self, length: int) -> tuple[int, ...]:
         if length <= self.buckets[-1]:

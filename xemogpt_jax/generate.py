@@ -8,12 +8,19 @@ finished-hypothesis pool, length penalty, early-stop heuristic) so its best beam
 ``do_sample`` it is transformers' beam sampling: the beams' log-probs are divided by the temperature
 and top-p filtered (keeping at least one non-EOS token), and the 2K candidates are drawn without
 replacement from the softmax of the accumulated scores (Gumbel top-k) instead of taken greedily.
+
+Alongside the tokens, every decoding mode returns the model's log-probability of each token it
+emitted (log-softmax of the raw logits, before repetition penalty, temperature or top-p, so the
+figure means the same whichever decoding chose the token and equals a teacher-forced score) and,
+with ``top_logprobs = k``, the k most likely tokens at each step; beam search keeps both per beam
+and returns the chosen beam's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +46,21 @@ class GenerationConfig:
     length_penalty: float = 1.0
     early_stopping: bool = False
     repetition_penalty: float = 1.0  # HF's, over the generated tokens (the prompt is embeddings)
+    top_logprobs: int = 0  # alternatives per step in Generated.top_ids / top_logprobs
 
     def __post_init__(self):
         eos = self.eos_token_id
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else () if eos is None else (eos,)
         object.__setattr__(self, "eos_token_id", eos)
+
+
+class Generated(NamedTuple):
+    """Decoded tokens with the model's log-probabilities; rows are ``pad`` / 0 after EOS."""
+
+    tokens: jax.Array  # int32 [B, N]
+    logprobs: jax.Array  # float32 [B, N]: log p(token) under the raw logits
+    top_ids: jax.Array  # int32 [B, N, top_logprobs], most likely first
+    top_logprobs: jax.Array  # float32 [B, N, top_logprobs]
 
 
 def generate(
@@ -56,6 +73,21 @@ def generate(
     rng: jax.Array | None = None,
 ) -> jax.Array:
     """New tokens ``[B, max_new_tokens]`` (the best beam with ``num_beams > 1``), ``pad`` after EOS."""
+    return generate_scored(
+        model, input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, config=config, rng=rng
+    ).tokens
+
+
+def generate_scored(
+    model: Qwen3ForCausalLM,
+    input_ids: jax.Array | None = None,
+    *,
+    inputs_embeds: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    config: GenerationConfig = GenerationConfig(),
+    rng: jax.Array | None = None,
+) -> Generated:
+    """:func:`generate` with each emitted token's log-probability and the step's top alternatives."""
     prompt = input_ids if inputs_embeds is None else inputs_embeds
     if attention_mask is None:
         attention_mask = jnp.ones(prompt.shape[:2], jnp.int32)
@@ -121,6 +153,16 @@ def repetition_penalize(scores: jax.Array, generated: jax.Array, step: jax.Array
     return jnp.where(seen, jnp.where(scores < 0, scores * penalty, scores / penalty), scores)
 
 
+def _log_probs_and_top(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Raw log-softmax ``[..., V]`` and its top ``k`` (ids, values) ``[..., k]``."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    if k == 0:
+        empty = log_probs[..., :0]
+        return log_probs, empty.astype(jnp.int32), empty
+    values, ids = jax.lax.top_k(log_probs, k)
+    return log_probs, ids.astype(jnp.int32), values
+
+
 def _choose(logits: jax.Array, key: jax.Array, config: GenerationConfig) -> jax.Array:
     if not config.do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -130,13 +172,31 @@ def _choose(logits: jax.Array, key: jax.Array, config: GenerationConfig) -> jax.
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _sample_loop(model, logits, cache, rng, config: GenerationConfig) -> jax.Array:
+def _sample_loop(model, logits, cache, rng, config: GenerationConfig) -> Generated:
     """Greedy or sampled decoding; stops early once every row has produced EOS."""
     batch = logits.shape[0]
-    n = config.max_new_tokens
-    out = jnp.full((batch, n), config.pad_token_id, jnp.int32)
+    n, k = config.max_new_tokens, config.top_logprobs
+    out = Generated(
+        tokens=jnp.full((batch, n), config.pad_token_id, jnp.int32),
+        logprobs=jnp.zeros((batch, n), jnp.float32),
+        top_ids=jnp.zeros((batch, n, k), jnp.int32),
+        top_logprobs=jnp.zeros((batch, n, k), jnp.float32),
+    )
+
+    def record(out: Generated, step, logits, chosen, done) -> Generated:
+        """Write step ``step``'s token and log-probs (zeros on rows already done)."""
+        log_probs, top_ids, top_values = _log_probs_and_top(logits, k)
+        chosen_lp = jnp.take_along_axis(log_probs, chosen[:, None], axis=-1)[:, 0]
+        live = ~done
+        values = (chosen, jnp.where(live, chosen_lp, 0.0), jnp.where(live[:, None], top_ids, 0),
+                  jnp.where(live[:, None], top_values, 0.0))
+        return Generated(*(
+            jax.lax.dynamic_update_slice(field, value[:, None], (0, step) + (0,) * (value.ndim - 1))
+            for field, value in zip(out, values)
+        ))
+
     first = _choose(logits, jax.random.fold_in(rng, 0), config)
-    out = out.at[:, 0].set(first)
+    out = record(out, 0, logits, first, jnp.zeros((batch,), bool))
     done = _is_eos(first, config)
 
     def cond(carry):
@@ -146,10 +206,10 @@ def _sample_loop(model, logits, cache, rng, config: GenerationConfig) -> jax.Arr
     def body(carry):
         step, out, tokens, done, cache = carry
         logits, cache = _decode_step(model, tokens, cache)
-        logits = repetition_penalize(logits, out, step, config.repetition_penalty)
-        chosen = _choose(logits, jax.random.fold_in(rng, step), config)
+        penalized = repetition_penalize(logits, out.tokens, step, config.repetition_penalty)
+        chosen = _choose(penalized, jax.random.fold_in(rng, step), config)
         chosen = jnp.where(done, config.pad_token_id, chosen)
-        out = jax.lax.dynamic_update_slice(out, chosen[:, None], (0, step))
+        out = record(out, step, logits, chosen, done)
         return step + 1, out, chosen, done | _is_eos(chosen, config), cache
 
     _, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, first, done, cache))
@@ -198,16 +258,32 @@ def _top_candidates(accumulated: jax.Array, keep: int, key: jax.Array, config: G
     return jnp.take_along_axis(scores, order, axis=1), jnp.take_along_axis(drawn, order, axis=1)
 
 
-def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array) -> jax.Array:
-    """transformers' beam search over ``K = num_beams`` beams per row; returns each row's best finished beam."""
+def _set_step(trace: jax.Array, values: jax.Array, step) -> jax.Array:
+    """``trace[:, :, step] = values`` for a per-beam trace ``[B, J, N, ...]`` and values ``[B, J, ...]``."""
+    return jax.lax.dynamic_update_slice(trace, values[:, :, None], (0, 0, step) + (0,) * (values.ndim - 2))
+
+
+def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array) -> Generated:
+    """transformers' beam search over ``K = num_beams`` beams per row; returns each row's best finished beam.
+
+    Each beam also carries a trace (its tokens' raw log-probs and top alternatives) that follows
+    it through the same gathers as its token sequence.
+    """
     batch, vocab = logits.shape
-    k, n = config.num_beams, config.max_new_tokens
+    k, n, top = config.num_beams, config.max_new_tokens, config.top_logprobs
     keep = max(2, 1 + len(config.eos_token_id)) * k
     top_k_mask = jnp.arange(keep) < k
     cache = _reorder_cache(cache, jnp.repeat(jnp.arange(batch), k))
     log_probs = jnp.repeat(_beam_log_probs(logits, config)[:, None], k, axis=1)
+    raw = tuple(jnp.repeat(x[:, None], k, axis=1) for x in _log_probs_and_top(logits, top))
+
+    def empty_trace() -> tuple[jax.Array, jax.Array, jax.Array]:
+        return (jnp.zeros((batch, k, n), jnp.float32), jnp.zeros((batch, k, n, top), jnp.int32),
+                jnp.zeros((batch, k, n, top), jnp.float32))
 
     state = dict(
+        running_trace=empty_trace(),
+        trace=empty_trace(),
         running_seq=jnp.full((batch, k, n), config.pad_token_id, jnp.int32),
         running_scores=jnp.zeros((batch, k)).at[:, 1:].set(_NEG),
         seqs=jnp.full((batch, k, n), config.pad_token_id, jnp.int32),
@@ -216,18 +292,24 @@ def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array)
         unsatisfied=jnp.ones((batch, 1), bool),
     )
 
-    def select(step, log_probs, s):
-        """One beam step given the next-token log-probs of the running beams; returns parents too."""
+    def select(step, log_probs, raw, s):
+        """One beam step given the next-token scores of the running beams (and their raw log-softmax with its
+        top alternatives, for the traces); returns parents too."""
         accumulated = (log_probs + s["running_scores"][:, :, None]).reshape(batch, k * vocab)
         topk_scores, topk_idx = _top_candidates(accumulated, keep, jax.random.fold_in(rng, step), config)
         parents, tokens = topk_idx // vocab, (topk_idx % vocab).astype(jnp.int32)
-        topk_seq = _gather_beams(s["running_seq"], parents)
-        topk_seq = jax.lax.dynamic_update_slice(topk_seq, tokens[:, :, None], (0, 0, step))
+        topk_seq = _set_step(_gather_beams(s["running_seq"], parents), tokens, step)
+        raw_log_probs, top_ids, top_values = raw
+        step_values = (jnp.take_along_axis(raw_log_probs.reshape(batch, k * vocab), topk_idx, axis=1),
+                       _gather_beams(top_ids, parents), _gather_beams(top_values, parents))
+        topk_trace = tuple(_set_step(_gather_beams(t, parents), v, step)
+                           for t, v in zip(s["running_trace"], step_values))
         hits = _is_eos(tokens, config) | (step + 1 >= n)
 
         running_candidates = topk_scores + hits.astype(jnp.float32) * _NEG
         _, next_idx = jax.lax.top_k(running_candidates, k)
         running_seq = _gather_beams(topk_seq, next_idx)
+        running_trace = tuple(_gather_beams(t, next_idx) for t in topk_trace)
         running_scores = _gather_beams(running_candidates, next_idx)
         next_parents = _gather_beams(parents, next_idx)
 
@@ -240,6 +322,7 @@ def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array)
         merged_scores = jnp.concatenate([s["scores"], final], axis=1)
         _, best = jax.lax.top_k(merged_scores, k)
         seqs = _gather_beams(jnp.concatenate([s["seqs"], topk_seq], axis=1), best)
+        trace = tuple(_gather_beams(jnp.concatenate([f, t], axis=1), best) for f, t in zip(s["trace"], topk_trace))
         finished = _gather_beams(jnp.concatenate([s["finished"], just_finished], axis=1), best)
         scores = _gather_beams(merged_scores, best)
 
@@ -247,7 +330,7 @@ def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array)
         worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _NEG)
         unsatisfied = s["unsatisfied"] & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
         new = dict(
-            running_seq=running_seq, running_scores=running_scores, seqs=seqs, scores=scores,
+            running_trace=running_trace, trace=trace, running_seq=running_seq, running_scores=running_scores, seqs=seqs, scores=scores,
             finished=finished, unsatisfied=unsatisfied,
         )
         return new, next_parents, running_seq[:, :, step]
@@ -256,7 +339,7 @@ def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array)
         exists_open = ~(jnp.all(s["finished"]) & config.early_stopping)
         return (step < n) & jnp.any(s["unsatisfied"]) & exists_open
 
-    state, parents, tokens = select(0, log_probs, state)
+    state, parents, tokens = select(0, log_probs, raw, state)
 
     def cond(carry):
         step, s, _, _, _ = carry
@@ -269,8 +352,10 @@ def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array)
         logits, cache = _decode_step(model, tokens.reshape(-1), cache)
         generated = s["running_seq"].reshape(batch * k, n)
         log_probs = _beam_log_probs(logits, config, generated, step).reshape(batch, k, vocab)
-        s, parents, tokens = select(step, log_probs, s)
+        raw = tuple(x.reshape(batch, k, *x.shape[1:]) for x in _log_probs_and_top(logits, top))
+        s, parents, tokens = select(step, log_probs, raw, s)
         return step + 1, s, parents, tokens, cache
 
     _, state, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), state, parents, tokens, cache))
-    return state["seqs"][:, 0]
+    logprobs, top_ids, top_values = (t[:, 0] for t in state["trace"])
+    return Generated(state["seqs"][:, 0], logprobs, top_ids, top_values)

@@ -13,6 +13,12 @@ of its batch's wall time) and flushes after every batch; rerunning the same comm
 already in ``--out`` and drops a half-written last line, so a killed run resumes without
 duplicates or gaps. Clips whose media cannot be decoded get an ``error`` line instead.
 
+``--instruction TEXT`` asks another question about the clip. ``--json`` prints (or, with
+``--batch``, writes) the explanation with its ``token_ids``, ``token_logprobs`` (each generated
+token's log-softmax under the model's raw logits), ``prompt_tokens``, ``generated_tokens`` and
+``seconds``. ``--score TEXT`` (repeatable) or ``--score-file F`` generate nothing: they print each
+given explanation's teacher-forced log-likelihood after the clip's prompt, per token and summed.
+
 ``chat_completion(messages, checkpoint=DIR)`` is the text entry point used by
 ``python -m xemogpt_jax.emocue360 extract --backend local``.
 """
@@ -24,7 +30,6 @@ import functools
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from data_pipelines import annotations as annotations_lib
 from data_pipelines import media, records, schema
 from xemogpt_jax import cli_checks
 from xemogpt_jax import explainer as explainer_lib
+from xemogpt_jax import infer_output
 from xemogpt_jax.explainer import Clip, Decoding, Explainer
 
 EXIT_OK, EXIT_MEDIA = 0, 3
@@ -89,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="clips per model call in --batch mode")
     parser.add_argument("--no-progress", action="store_true")
     add_decoding_arguments(parser)
+    infer_output.add_arguments(parser)
     return parser
 
 
@@ -140,7 +147,8 @@ def _count(batch: Path) -> int:
 
 
 def run_batch(model: Explainer, batch: Path, out: Path, media_root: Path, decoding: Decoding,
-              batch_size: int, show_progress: bool) -> dict[str, int]:
+              batch_size: int, show_progress: bool,
+              output: infer_output.Output = infer_output.Output()) -> dict[str, int]:
     """Explain every clip of ``batch`` not yet in ``out``; returns counts of written, skipped and failed."""
     done = finished_ids(out)
     if batch.is_dir():
@@ -161,10 +169,8 @@ def run_batch(model: Explainer, batch: Path, out: Path, media_root: Path, decodi
         pending: list[Clip] = []
 
         def flush_pending() -> None:
-            start = time.perf_counter()
-            texts = model.explain(pending, decoding)
-            share = (time.perf_counter() - start) / len(pending)
-            write([{"id": c.clip_id, "explanation": t, "seconds": round(share, 4)} for c, t in zip(pending, texts)])
+            lines = infer_output.records(model, pending, decoding, output)
+            write([{"id": c.clip_id, **line} for c, line in zip(pending, lines)])
             counts["written"] += len(pending)
             pending.clear()
 
@@ -212,13 +218,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--batch needs --out")
     try:
         decoding = decoding_from(args)
+        output = infer_output.from_args(args)
     except ValueError as error:
         parser.error(str(error))
     check_args(args)
     model = load_cached(str(args.checkpoint), args.tokenizer, args.step)
     if args.batch is not None:
         media_root = args.media_root or args.batch.parent
-        counts = run_batch(model, args.batch, args.out, media_root, decoding, args.batch_size, not args.no_progress)
+        counts = run_batch(model, args.batch, args.out, media_root, decoding, args.batch_size, not args.no_progress,
+                           output)
         print(json.dumps(counts), file=sys.stderr)
         return EXIT_OK
     try:
@@ -226,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except media.MediaError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_MEDIA
-    print(model.explain([clip], decoding)[0])
+    record = infer_output.records(model, [clip], decoding, output)[0]
+    print(json.dumps(record, ensure_ascii=False) if output.as_json or output.scoring else record["explanation"])
     return EXIT_OK
 
 
