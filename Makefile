@@ -25,6 +25,7 @@ demo: install
 	$(BIN)/python -m xemogpt_jax.demo
 
 test: install chromium
+	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Every benchmark in bench/, one after another, at its default (small) settings.
