@@ -343,8 +343,7 @@ class Server:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m xemogpt_jax.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="trainer workdir or its checkpoints/ folder")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the run config's init_from)")
+    infer.add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--max-batch", type=int, default=8)
@@ -364,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         defaults = infer.decoding_from(args)
     except ValueError as error:
         parser.error(str(error))
-    model = explainer_lib.load(args.checkpoint, tokenizer=args.tokenizer)
+    model = infer.load_cached(str(args.checkpoint), args.tokenizer, None, args.mesh, args.dtype)
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_json_bytes=int(args.max_json_kb * 1024))
     server = Server(model, args.host, args.port, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
                     limits=limits, defaults=defaults, model_name=args.model_name)
