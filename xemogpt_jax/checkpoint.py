@@ -144,7 +144,7 @@ def restore_config(directory: str | Path, step: int | None = None) -> dict[str, 
 def state_metadata(directory: str | Path, step: int | None = None) -> dict[str, Any]:
     """The ``state`` item's tree of stored shapes and dtypes; no array is read."""
     with _manager(directory) as manager:
-        return manager.item_metadata(_step(manager, directory, step))[STATE]
+        return manager.item_metadata(_step(manager, directory, step))[STATE].tree
 
 
 def restore_state_part(directory: str | Path, target: dict[str, Any], step: int | None = None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig
 from xemogpt_jax.models.xemogpt_params import ModelSpec
 
 M = TypeVar("M", bound=nnx.Module)
-Path_ = tuple[str, ...]
+TreePath = tuple[str, ...]
 STAGE3 = "sft"
 # init_from HF folder -> (XEmoGPT attribute, key map)
 HF_PARTS: dict[str, tuple[str, hf_io.KeyMap]] = {
@@ -44,11 +44,11 @@ HF_PARTS: dict[str, tuple[str, hf_io.KeyMap]] = {
     "llm": ("llm", qwen3_params.hf_key_map),
 }
 # init_from stage 1-2 workdir -> (stored subtree -> XEmoGPT subtree)
-BRIDGE_RUNS: dict[str, dict[Path_, Path_]] = {
+BRIDGE_RUNS: dict[str, dict[TreePath, TreePath]] = {
     "video_bridge": {("model", "vecb"): ("vecb",), ("model", "clip", "vision_model"): ("vision_tower",)},
     "audio_bridge": {("model", "aecb"): ("aecb",), ("model", "hubert"): ("audio_tower",)},
 }
-OWN_MODEL: dict[Path_, Path_] = {("model",): ()}
+OWN_MODEL: dict[TreePath, TreePath] = {("model",): ()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +96,7 @@ def model_spec(found: Checkpoint) -> ModelSpec:
 # ---------------------------------------------------------------- filling
 
 
-def _flat(module: nnx.Module) -> dict[Path_, nnx.Variable]:
+def _flat(module: nnx.Module) -> dict[TreePath, nnx.Variable]:
     return {tuple(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(module))}
 
 
@@ -128,17 +128,18 @@ def _nested(tree: Any, path: Iterable[str]) -> Any:
 
 
 def fill_from_state(
-    module: nnx.Module, directory: str | Path, moves: Mapping[Path_, Path_], mesh: Mesh, step: int | None = None
-) -> list[Path_]:
+    module: nnx.Module, directory: str | Path, moves: Mapping[TreePath, TreePath], mesh: Mesh, step: int | None = None
+) -> list[TreePath]:
     """Copy subtrees of a checkpoint's ``state`` item into ``module``, each array read straight into its sharding.
 
-    ``moves`` maps a stored subtree to a subtree of ``module``; stored subtrees that are absent are
-    skipped. Returns the module paths filled.
+    ``moves`` maps a stored subtree to a subtree of ``module``; absent stored subtrees are skipped (a
+    stage 1-2 run keeps its tower only when it trained it), but at least one must be there. Returns
+    the module paths filled.
     """
     variables = _flat(module)
     stored = checkpoint.state_metadata(directory, step)
     target: dict[str, Any] = {}
-    placed: list[tuple[Path_, Path_]] = []
+    placed: list[tuple[TreePath, TreePath]] = []
     for source, destination in moves.items():
         subtree = _nested(stored, source)
         if subtree is None:
@@ -163,14 +164,14 @@ def fill_from_state(
             )
             placed.append((full, own))
     if not placed:
-        return []
+        raise ValueError(f"{directory}: the checkpoint's state holds none of {['/'.join(s) for s in moves]}")
     restored = checkpoint.restore_state_part(directory, target, step)
     for stored_path, own in placed:
         variables[own].set_value(_nested(restored, stored_path))
     return [own for _, own in placed]
 
 
-def init_unset(module: M, factory: Callable[[], M], mesh: Mesh) -> list[Path_]:
+def init_unset(module: M, factory: Callable[[], M], mesh: Mesh) -> list[TreePath]:
     """Give every variable no source set its initial value, created directly in its sharding.
 
     Only the unset variables are outputs of the jitted init, so the rest of the init is never
@@ -193,7 +194,7 @@ def init_unset(module: M, factory: Callable[[], M], mesh: Mesh) -> list[Path_]:
     return [path for path, _ in unset]
 
 
-def log_seeded(paths: Iterable[Path_], what: str, seed: int) -> None:
+def log_seeded(paths: Iterable[TreePath], what: str, seed: int) -> None:
     """Name the parts (first two path levels) that were initialised from the seed."""
     parts = sorted({"/".join(p[:2]) for p in paths})
     if parts:
