@@ -14,7 +14,6 @@ One scenario, every command a subprocess as a user runs it:
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +21,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import transformers
 from safetensors.numpy import load_file
 
-from configs import align_audio, align_video, sft
+from tests.weights_fixtures import tiny_hf_folders
 from xemogpt_jax import checkpoint
 from xemogpt_jax.models import qwen3_params
 
@@ -56,24 +54,6 @@ def _train(config: str, workdir: Path, *overrides: str) -> subprocess.Popen:
     return _start("-m", "xemogpt_jax.train", f"--config={config}", f"--workdir={workdir}", *QUIET, *overrides)
 
 
-def _hf_folders(out: Path, tokenizer: Path) -> dict[str, Path]:
-    """Random transformers models with the tiny configs' architectures; the LLM folder carries the tokenizer."""
-    llm = {k: v for k, v in sft.llm_architecture("tiny").to_dict().items() if k != "model_type"}
-    clip = align_video.clip_architecture("tiny").to_dict()
-    hubert = align_audio.hubert_architecture("tiny").to_dict()
-    models = {
-        "llm": transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**llm)),
-        "clip": transformers.CLIPModel(transformers.CLIPConfig(**clip)),
-        "hubert": transformers.HubertModel(transformers.HubertConfig(**hubert)),
-    }
-    folders = {}
-    for name, model in models.items():
-        folders[name] = out / name
-        model.save_pretrained(folders[name])
-    shutil.copytree(tokenizer, folders["llm"], dirs_exist_ok=True)
-    return folders
-
-
 def _at(tree: dict, path: tuple) -> np.ndarray:
     for key in path:
         tree = tree[key]
@@ -89,7 +69,7 @@ def world(tmp_path_factory) -> Path:
 
 def test_checkpoints_flow_through_the_clis(world, tmp_path):
     assert VIDEO.exists(), f"shared media missing: {VIDEO}"
-    hf = _hf_folders(tmp_path / "hf", world / "tokenizer")
+    hf = tiny_hf_folders(tmp_path / "hf", world / "tokenizer")
     imported, video_run, audio_run, sft_run = (tmp_path / name for name in ("imported", "video", "audio", "sft"))
     data = [f"--config.data.train_dir={world / 'train'}", f"--config.init_from.tokenizer={world / 'tokenizer'}",
             "--config.data.batch_size=4", "--config.train.steps=1"]

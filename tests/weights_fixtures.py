@@ -8,6 +8,7 @@ modules, so its state dict carries the key names the authors' checkpoint has, in
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import transformers
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.hubert.modeling_hubert import HubertEncoderLayer
 
+from configs import align_audio, align_video, sft
 from tests.qwen_fixtures import save_tiny_hf
 from xemogpt_jax import import_weights
 from xemogpt_jax.testing.torch_reference import randomize
@@ -188,3 +190,21 @@ def waveforms(lengths: tuple[int, ...] = (400, 330), seed: int = 0) -> tuple[np.
         values[i, :n] = rng.standard_normal(n)
         mask[i, :n] = 1
     return values, mask
+
+
+def tiny_hf_folders(out: Path, tokenizer: Path) -> dict[str, Path]:
+    """Random transformers models with the tiny configs' architectures; the LLM folder carries the tokenizer."""
+    llm = {k: v for k, v in sft.llm_architecture("tiny").to_dict().items() if k != "model_type"}
+    clip = align_video.clip_architecture("tiny").to_dict()
+    hubert = align_audio.hubert_architecture("tiny").to_dict()
+    models = {
+        "llm": transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**llm)),
+        "clip": transformers.CLIPModel(transformers.CLIPConfig(**clip)),
+        "hubert": transformers.HubertModel(transformers.HubertConfig(**hubert)),
+    }
+    folders = {}
+    for name, model in models.items():
+        folders[name] = out / name
+        model.save_pretrained(folders[name])
+    shutil.copytree(tokenizer, folders["llm"], dirs_exist_ok=True)
+    return folders
