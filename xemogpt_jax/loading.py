@@ -100,7 +100,7 @@ def _flat(module: nnx.Module) -> dict[TreePath, nnx.Variable]:
     return {tuple(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(module))}
 
 
-def is_unset(variable: nnx.Variable) -> bool:
+def _is_unset(variable: nnx.Variable) -> bool:
     return isinstance(variable.get_value(), jax.ShapeDtypeStruct)
 
 
@@ -149,10 +149,10 @@ def fill_from_state(
             own = destination + relative
             variable = variables.get(own)
             if variable is None or tuple(meta.shape) != tuple(variable.get_value().shape):
-                want = None if variable is None else tuple(variable.get_value().shape)
+                want = "absent" if variable is None else tuple(variable.get_value().shape)
                 raise ValueError(
                     f"{directory}: stored {'/'.join(source + relative)} {tuple(meta.shape)} does not fit the model's "
-                    f"{'/'.join(own)} ({want or 'absent'})"
+                    f"{'/'.join(own)} ({want})"
                 )
             full = source + relative
             node = target
@@ -178,7 +178,7 @@ def init_unset(module: M, factory: Callable[[], M], mesh: Mesh) -> list[TreePath
     computed; values equal those a full ``sharding.create_sharded(factory, mesh)`` would give.
     Returns the paths initialised.
     """
-    unset = [(path, v) for path, v in _flat(module).items() if is_unset(v)]
+    unset = [(path, v) for path, v in _flat(module).items() if _is_unset(v)]
     if not unset:
         return []
 
