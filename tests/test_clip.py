@@ -15,7 +15,6 @@ from xemogpt_jax.models.clip import (
     CLIPConfig,
     CLIPEncoderLayer,
     CLIPModel,
-    CLIPTextConfig,
     CLIPVisionConfig,
     CLIPVisionModel,
 )

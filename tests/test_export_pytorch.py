@@ -21,7 +21,7 @@ from tests.weights_fixtures import (
     build_world, import_args, load_release_module, pixels, release_import, release_state, waveforms,
 )
 from xemogpt_jax import run_config, sharding
-from xemogpt_jax.model_checkpoint import restore_model
+from xemogpt_jax.loading import load_model_checkpoint
 from xemogpt_jax.models import hf_io, lora, xemogpt_params
 from xemogpt_jax.models.xemogpt import XEmoGPT
 from xemogpt_jax import export_pytorch, import_weights
@@ -62,7 +62,7 @@ def export(checkpoint, out, fmt, dtype="fp32", mesh="1,-1,1"):
 def test_hf_export_loads_in_transformers_with_our_numbers(world, checkpoint, mesh, tmp_path):
     """LLM (trained LoRA merged), CLIP vision and HuBERT via from_pretrained match our unmerged model in fp32."""
     export(checkpoint, tmp_path, "hf")
-    model, _ = restore_model(checkpoint, mesh)
+    model, _ = load_model_checkpoint(checkpoint, mesh)
     load = dict(attn_implementation="eager")
 
     llm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llm", **load).eval()
@@ -99,10 +99,10 @@ def test_import_of_hf_export_equals_the_merged_checkpoint(world, checkpoint, mes
             "--config", f"{world['config']}:frozen", "--out", str(tmp_path / "again")]
     report = import_weights.main(args)
     assert not report.missing
-    expected, _ = restore_model(checkpoint, mesh)
+    expected, _ = load_model_checkpoint(checkpoint, mesh)
     with jax.set_mesh(mesh):
         lora.merge_lora(expected)
-    again, spec = restore_model(tmp_path / "again", mesh)
+    again, spec = load_model_checkpoint(tmp_path / "again", mesh)
     assert spec.lora is None
     assert_same_params(params(again), params(expected))
 
@@ -132,8 +132,8 @@ def test_xemogpt_export_reproduces_the_release_bit_for_bit_and_reimports(world, 
         assert loaded.missing_keys and not set(loaded.missing_keys) & want.keys()  # only frozen backbones missing
         exported = str(tmp_path / "x" / "xemogpt.ckpt")
         import_weights.main(import_args(world, tmp_path / "again", "--release-ckpt", exported))
-        again, _ = restore_model(tmp_path / "again", mesh)
-        assert_same_params(params(again), params(restore_model(checkpoint, mesh)[0]))
+        again, _ = load_model_checkpoint(tmp_path / "again", mesh)
+        assert_same_params(params(again), params(load_model_checkpoint(checkpoint, mesh)[0]))
 
 
 def test_peft_export_loads_with_peft_and_reimports(world, checkpoint, mesh, tmp_path):
@@ -142,11 +142,11 @@ def test_peft_export_loads_with_peft_and_reimports(world, checkpoint, mesh, tmp_
     tuned = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     with torch.no_grad():
         theirs = tuned(input_ids=torch.from_numpy(IDS).long()).logits.numpy()
-    model, _ = restore_model(checkpoint, mesh)
+    model, _ = load_model_checkpoint(checkpoint, mesh)
     np.testing.assert_allclose(np.asarray(model.llm(IDS)), theirs, atol=1e-4, rtol=1e-4)
 
     import_weights.main(import_args(world, tmp_path / "again", "--adapter", str(tmp_path / "adapter")))
-    again, spec = restore_model(tmp_path / "again", mesh)
+    again, spec = load_model_checkpoint(tmp_path / "again", mesh)
     assert spec.lora["rank"] == 4
     llm_only = lambda p: {k: v for k, v in p.items() if k.startswith("llm/")}  # noqa: E731
     assert_same_params(llm_only(params(again)), llm_only(params(model)))

@@ -15,7 +15,7 @@ from tests.weights_fixtures import (
     ALIGN, build_world, import_args, load_release_module, pixels, release_import, waveforms,
 )
 from xemogpt_jax import run_config, sharding
-from xemogpt_jax.model_checkpoint import restore_model
+from xemogpt_jax.loading import load_model_checkpoint
 from xemogpt_jax.models import xemogpt_params
 from xemogpt_jax import import_weights
 
@@ -31,7 +31,7 @@ def world(tmp_path_factory):
 def release_model(world, tmp_path_factory):
     """Our model imported from the HF dirs plus the release file, restored onto an 8-device fsdp mesh."""
     path = release_import(world, tmp_path_factory.getbasetemp())
-    model, _ = restore_model(path, sharding.make_mesh((1, -1, 1)))
+    model, _ = load_model_checkpoint(path, sharding.make_mesh((1, -1, 1)))
     return model
 
 
@@ -121,7 +121,7 @@ def test_hf_dirs_alone_report_unused_and_missing_keys(world, tmp_path, capsys):
     assert "visual_llm_project/kernel" in report.missing
     base_missing = [m for m in report.missing if m.startswith(("llm/", "vision_tower/", "audio_tower/"))]
     assert base_missing and all("/lora_" in m for m in base_missing)  # only the fresh adapters
-    model, spec = restore_model(tmp_path / "ck", sharding.make_mesh((1, -1, 1)))
+    model, spec = load_model_checkpoint(tmp_path / "ck", sharding.make_mesh((1, -1, 1)))
     hf = load_release_module(world, state=None).llm_model.get_base_model()
     with torch.no_grad():
         theirs = hf(input_ids=torch.from_numpy(IDS).long()).logits
@@ -138,7 +138,7 @@ def test_shape_mismatch_is_refused_naming_key_and_shapes(world, tmp_path):
 
 
 def _params(path: Path) -> dict[str, np.ndarray]:
-    model, _ = restore_model(path, sharding.make_mesh((1, -1, 1)))
+    model, _ = load_model_checkpoint(path, sharding.make_mesh((1, -1, 1)))
     return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -163,7 +163,7 @@ def test_release_around_a_512_wide_clip_text_tower_imports_without_config_overri
     state["visual_encoder.text_project.weight"] = wide
     torch.save(state, tmp_path / "wide.ckpt")
     import_weights.main(import_args(world, tmp_path / "ck", "--release-ckpt", str(tmp_path / "wide.ckpt")))
-    model, spec = restore_model(tmp_path / "ck", sharding.make_mesh((1, -1, 1)))
+    model, spec = load_model_checkpoint(tmp_path / "ck", sharding.make_mesh((1, -1, 1)))
     assert spec.video_text_dim == 512
     close(model.vecb.text_project.kernel.get_value(), wide.numpy().T, atol=0)
 

@@ -190,3 +190,4 @@ def waveforms(lengths: tuple[int, ...] = (400, 330), seed: int = 0) -> tuple[np.
         values[i, :n] = rng.standard_normal(n)
         mask[i, :n] = 1
     return values, mask
+

@@ -115,34 +115,57 @@ class Checkpointer:
         self.manager.close()
 
 
+def _manager(directory: str | Path, state_handler: Any = None) -> ocp.CheckpointManager:
+    handlers = _handlers() if state_handler is None else {**_handlers(), STATE: state_handler}
+    return ocp.CheckpointManager(resolve(directory), item_handlers=handlers)
+
+
+def _step(manager: ocp.CheckpointManager, directory: str | Path, step: int | None) -> int:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint steps in {directory}")
+    return step
+
+
 def steps(directory: str | Path) -> list[int]:
     """The steps saved in ``directory``; empty when it holds no checkpoint (or is not a checkpoint folder)."""
-    with ocp.CheckpointManager(resolve(directory), item_handlers=_handlers()) as manager:
+    with _manager(directory) as manager:
         return list(manager.all_steps())
 
 
 def restore_config(directory: str | Path, step: int | None = None) -> dict[str, Any]:
     """The config a checkpoint was trained with."""
-    with ocp.CheckpointManager(resolve(directory), item_handlers=_handlers()) as manager:
-        step = manager.latest_step() if step is None else step
+    with _manager(directory) as manager:
+        step = _step(manager, directory, step)
         return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
 
-def restore_state_numpy(directory: str | Path, step: int | None = None) -> dict[str, Any]:
-    """The ``state`` item as a nested dict of host numpy arrays, whatever mesh wrote it.
+def state_metadata(directory: str | Path, step: int | None = None) -> dict[str, Any]:
+    """The ``state`` item's tree of stored shapes and dtypes; no array is read."""
+    with _manager(directory) as manager:
+        return manager.item_metadata(_step(manager, directory, step))[STATE].tree
 
-    Used to initialise stage 3 from the stage 1-2 bridge checkpoints (their optimizer state is ignored).
+
+def restore_state_part(directory: str | Path, target: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+    """Only the leaves of ``target`` (a subtree of the ``state`` item as ShapeDtypeStructs with shardings).
+
+    Each array is read straight into its sharding; what ``target`` leaves out (optimizer moments,
+    other modules) is never read.
     """
-    with ocp.CheckpointManager(resolve(directory), item_handlers=_handlers()) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {directory}")
-        on_host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_host), manager.item_metadata(step)[STATE]
+    with _manager(directory, ocp.PyTreeCheckpointHandler()) as manager:
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         )
-        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)}))
-        return jax.tree.map(np.asarray, restored[STATE])
+        return manager.restore(_step(manager, directory, step), args=ocp.args.Composite(**{STATE: args}))[STATE]
+
+
+def restore_state_numpy(directory: str | Path, step: int | None = None) -> dict[str, Any]:
+    """The ``state`` item as a nested dict of host numpy arrays, whatever mesh wrote it (for inspection)."""
+    on_host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_host), state_metadata(directory, step)
+    )
+    return jax.tree.map(np.asarray, restore_state_part(directory, target, step))
 
 
 def gather_process_strings(text: str) -> list[str]:

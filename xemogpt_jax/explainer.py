@@ -7,20 +7,17 @@ into the text stream) and decoded by :func:`xemogpt_jax.generate.generate`. Shap
 (batch to a power of two, audio to whole seconds, prompts to the config's length buckets) so a
 stream of clips compiles only a handful of programs.
 
-``--checkpoint`` is a trainer workdir (or its ``checkpoints/`` folder) or a model checkpoint of
-``tools/import_weights.py``: the stored config describes the architecture
-(:func:`xemogpt_jax.run_config.xemogpt_config`), the ``state`` item's ``model`` subtree holds the
-trained parameters. Parameters a checkpoint does not hold (the frozen encoders and base LLM of a
-stage-3 run) come from the config's ``init_from`` (an imported model checkpoint, then HF folders),
-or, when that is empty (random-init runs such as the demo), from the run's seed exactly as the
-trainer initialised them.
+``--checkpoint`` is a stage-3 trainer workdir (or its ``checkpoints/`` folder) or a model checkpoint
+of ``tools/import_weights.py``: the stored config describes the architecture
+(:func:`xemogpt_jax.run_config.xemogpt_config`) and :mod:`xemogpt_jax.loading` fills the model
+sharded: the ``state`` item's ``model`` subtree, the frozen parts from the run's ``init_from``, and
+what no source holds (random-init runs such as the demo) from the run's seed, as the trainer did.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,12 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from data_pipelines import media, schema
-from xemogpt_jax import checkpoint as checkpoint_lib
-from xemogpt_jax import model_checkpoint, prompt, run_config, sharding
+from xemogpt_jax import loading, prompt, run_config, sharding
 from xemogpt_jax.generate import GenerationConfig, generate_scored
-from xemogpt_jax.models import clip_params, hf_io, hubert_params, lora as lora_lib, qwen3_params
+from xemogpt_jax.models import lora as lora_lib
+from xemogpt_jax.models import qwen3_params
 from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig
 from xemogpt_jax.preprocessing import audio as audio_pre
 from xemogpt_jax.preprocessing import image as image_pre
@@ -141,35 +139,6 @@ def clip_from_record(record: dict[str, Any]) -> Clip:
     frames = record["frames"] if record["has_video"] else None
     audio = schema.audio_float32(record) if record["has_audio"] else None
     return Clip(record["clip_id"], frames, audio, record["subtitle"])
-
-
-def checkpoint_directory(path: str | Path) -> Path:
-    """A trainer workdir or its ``checkpoints/`` folder -> the folder the Orbax manager owns."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} is not a directory")
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
-
-
-def _load_frozen_parts(model: XEmoGPT, init: dict[str, Any]) -> None:
-    """Fill encoders / base LLM from the run's ``init_from`` model checkpoint and HF folders (those it names)."""
-    if init.get("model"):
-        one_device = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-        model_checkpoint.copy_weights(model, init["model"], one_device)
-    parts = (
-        ("clip", model.vision_tower, clip_params.vision_key_map),
-        ("hubert", model.audio_tower, hubert_params.hubert_key_map()),
-        ("llm", model.llm, qwen3_params.hf_key_map),
-    )
-    for name, module, key_map in parts:
-        if init.get(name):
-            hf_io.assign(module, hf_io.iter_tensors(init[name]), key_map)
-    from xemogpt_jax.stages import bridge_stage_parts  # towers trained in stages 1-2 and frozen in stage 3
-
-    for attribute, values in bridge_stage_parts(init, with_bridges=False):
-        state = nnx.state(getattr(model, attribute))
-        nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, values))
-        nnx.update(getattr(model, attribute), state)
 
 
 def _tokenizer_folder(directory: Path, run: dict[str, Any], override: str | Path | None) -> Path:
@@ -401,19 +370,20 @@ class Explainer:
         return self._buckets_for_length(max(len(s) for s in samples))
 
 
-def load(checkpoint: str | Path, *, tokenizer: str | Path | None = None, step: int | None = None) -> Explainer:
-    """Build the model a checkpoint describes, fill its weights, fold LoRA in, and pick up the tokenizer."""
-    directory = checkpoint_directory(checkpoint)
-    run = run_config.resolve(checkpoint_lib.restore_config(directory, step))
-    text_tokenizer = qwen3_params.load_tokenizer(_tokenizer_folder(directory, run, tokenizer))
-    model = XEmoGPT(run_config.xemogpt_config(run, text_tokenizer), rngs=nnx.Rngs(run.get("seed", 0)))
-    init = run.get("init_from", {})
-    _load_frozen_parts(model, init)
-    trained = jax.tree.map(jnp.asarray, checkpoint_lib.restore_state_numpy(directory, step)["model"])
-    nnx.replace_by_pure_dict(state := nnx.state(model), trained)
-    nnx.update(model, state)
-    if not any(init.get(k) for k in ("model", "clip", "hubert", "llm")):
-        logging.info("%s: weights not in the checkpoint come from the run's seed (random-init run)", directory)
+def load(
+    checkpoint: str | Path, *, tokenizer: str | Path | None = None, step: int | None = None,
+    mesh: Mesh | None = None, dtype: str | None = None,
+) -> Explainer:
+    """Build the model a checkpoint describes sharded on ``mesh`` (default: FSDP over every local device),
+    fill its weights (:mod:`xemogpt_jax.loading`), fold LoRA in, and pick up the tokenizer.
+
+    ``dtype`` (``bfloat16``/``float32``) overrides the run's compute dtype; parameters stay as stored.
+    """
+    found = loading.open_checkpoint(checkpoint, step)
+    run = found.run if dtype is None else {**found.run, "dtype": dtype}
+    text_tokenizer = qwen3_params.load_tokenizer(_tokenizer_folder(found.directory, run, tokenizer))
+    mesh = mesh or sharding.make_mesh((1, -1, 1), devices=jax.local_devices())
+    model = loading.load_xemogpt(found, run_config.xemogpt_config(run, text_tokenizer), mesh)
     lora_lib.merge_lora(model)
     buckets = run.get("data", {}).get("length_buckets", prompt.DEFAULT_BUCKETS)
     return Explainer(model, text_tokenizer, buckets=buckets)

@@ -1,4 +1,4 @@
-"""An XEmoGPT model checkpoint -> files PyTorch users load.
+"""An XEmoGPT checkpoint (a stage-3 run or an imported model) -> files PyTorch users load.
 
     xemogpt-export (or python tools/export_pytorch.py) --checkpoint DIR --out DIR --format hf|xemogpt|peft [--dtype fp32|bf16]
 
@@ -14,7 +14,9 @@
 ``--out`` must be a new or empty folder (``--overwrite`` replaces an earlier export) outside every folder
 the model is read from; files appear there only once all are written (:mod:`xemogpt_jax.export_target`).
 
-The checkpoint is restored straight onto the mesh (``--mesh``); safetensors files are written one
+The model is loaded sharded onto the mesh (``--mesh``) by :mod:`xemogpt_jax.loading`; a trained run's
+HF configs, bridge sizes, LoRA and tokenizer source come from its run config
+(:func:`xemogpt_jax.run_config.model_spec`). Safetensors files are written one
 tensor at a time, each gathered alone, so no host ever holds the whole model. (The ``.ckpt`` file
 is a single torch pickle and does hold the trainable parts in memory while it is written.)
 """
@@ -32,8 +34,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from xemogpt_jax import cli_checks, export_target, run_config, sharding
-from xemogpt_jax.model_checkpoint import restore_model
+from xemogpt_jax import cli_checks, export_target, loading, run_config, sharding
 from xemogpt_jax.models import lora as lora_lib
 from xemogpt_jax.models import xemogpt_params
 from xemogpt_jax.models.xemogpt import XEmoGPT
@@ -67,10 +68,10 @@ def export_hf(model: XEmoGPT, spec: ModelSpec, out: Path, dtype: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         write_safetensors(directory / "model.safetensors", _strip(records, prefix))
         _write_config(directory, configs[part], dtype_name)
-    source = Path(spec.sources.get("llm", ""))
+    source = spec.sources.get("llm") or spec.sources.get("tokenizer")
     for name in TOKENIZER_FILES:
-        if spec.sources.get("llm") and (source / name).is_file():
-            shutil.copy2(source / name, out / "llm" / name)
+        if source and (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, out / "llm" / name)
     bridges = [r for r in records if not r.name.startswith(tuple(parts.values()))]
     write_safetensors(out / "bridges.safetensors", bridges)
     bridge_config = {k: v for k, v in spec.to_json().items() if k not in ("llm", "vision", "hubert", "lora", "sources")}
@@ -115,7 +116,7 @@ def export_peft(model: XEmoGPT, spec: ModelSpec, out: Path, dtype: str) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="model checkpoint directory (tools/import_weights.py)")
+    parser.add_argument("--checkpoint", required=True, help="stage-3 workdir, its checkpoints/ folder, or an imported model checkpoint")
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     parser.add_argument("--out", required=True, help="a new or empty folder (written whole, or not at all)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out, an earlier export")
@@ -140,7 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_args(args)
     mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
     with jax.set_mesh(mesh):
-        model, spec = restore_model(args.checkpoint, mesh, args.step)
+        found = loading.open_checkpoint(args.checkpoint, args.step)
+        spec = loading.model_spec(found)
+        if args.format == "peft" and spec.lora is None:
+            raise cli_checks.UsageError(f"--format peft: {args.checkpoint} has no LoRA adapters (lora rank <= 0)")
+        model = loading.load_xemogpt(found, run_config.xemogpt_config(found.run), mesh)
         with export_target.staged(args.out) as out:
             if args.format == "hf":
                 export_hf(model, spec, out, args.dtype)

@@ -29,17 +29,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh
 
-from xemogpt_jax import cli_checks, config_files, model_checkpoint, run_config, sharding
+from xemogpt_jax import cli_checks, config_files, loading, model_checkpoint, run_config, sharding
 from xemogpt_jax.models import hf_io, xemogpt_params
-from xemogpt_jax.models.xemogpt import XEmoGPT
 from xemogpt_jax.models.xemogpt_params import ModelSpec
 
 DEFAULT_CONFIG = config_files.packaged("sft.py")
@@ -108,26 +106,6 @@ def key_map(name: str) -> hf_io.Target | None:
     return xemogpt_params.release_key_map(name) or xemogpt_params.peft_key_map(name)
 
 
-def init_unset(model: XEmoGPT, factory: Callable[[], XEmoGPT], mesh: Mesh) -> None:
-    """Give every variable that no source set its initial value, created directly in its sharding.
-
-    Only the unset variables are outputs of the jitted init, so the rest of the init is never
-    computed; values equal those a full ``sharding.create_sharded(factory, mesh)`` would give.
-    """
-    flat = nnx.to_flat_state(nnx.state(model))
-    unset = [(tuple(path), v) for path, v in flat if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
-    if not unset:
-        return
-
-    def init() -> list[jax.Array]:
-        fresh = dict((tuple(p), v) for p, v in nnx.to_flat_state(nnx.state(factory())))
-        return [fresh[path].get_value() for path, _ in unset]
-
-    shardings = [sharding.variable_sharding(v, mesh) for _, v in unset]
-    for (path, variable), value in zip(unset, jax.jit(init, out_shardings=shardings)()):
-        variable.set_value(value)
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Every source folder of the right kind and the config loadable, all named at once, before any reading."""
     problems = cli_checks.Problems()
@@ -148,9 +126,7 @@ def import_weights(args: argparse.Namespace) -> tuple[ModelSpec, hf_io.LoadRepor
     config = run_config.xemogpt_config(spec.run_config())
     mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
 
-    def factory() -> XEmoGPT:
-        return XEmoGPT(config, rngs=nnx.Rngs(args.seed))
-
+    factory = loading.xemogpt_factory(config, args.seed)
     with jax.set_mesh(mesh):
         model = nnx.eval_shape(factory)
         tensors = release_stream(args)
@@ -160,7 +136,7 @@ def import_weights(args: argparse.Namespace) -> tuple[ModelSpec, hf_io.LoadRepor
         missing_base = [m for m in report.missing if m.startswith(REQUIRED) and "/lora_" not in m]
         if missing_base:
             raise ValueError(f"no tensor for {len(missing_base)} encoder/LLM parameters: {missing_base[:8]}")
-        init_unset(model, factory, mesh)
+        loading.log_seeded(loading.init_unset(model, factory, mesh), str(args.out), args.seed)
     model_checkpoint.save_model(args.out, model, spec)
     return spec, report
 

@@ -33,22 +33,39 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import jax
 import tqdm
 
 from data_pipelines import annotations as annotations_lib
 from data_pipelines import media, records, schema
 from xemogpt_jax import cli_checks
 from xemogpt_jax import explainer as explainer_lib
-from xemogpt_jax import infer_output
+from xemogpt_jax import infer_output, sharding
 from xemogpt_jax.explainer import Clip, Decoding, Explainer
 
 EXIT_OK, EXIT_MEDIA = 0, 3
 
 
+COMPUTE_DTYPES = {"bf16": "bfloat16", "f32": "float32"}
+
+
 @functools.lru_cache(maxsize=2)
-def load_cached(checkpoint: str, tokenizer: str | None = None, step: int | None = None) -> Explainer:
-    """One loaded (and, once used, compiled) model per checkpoint per process."""
-    return explainer_lib.load(checkpoint, tokenizer=tokenizer, step=step)
+def load_cached(checkpoint: str, tokenizer: str | None = None, step: int | None = None, mesh: str = "1,-1,1",
+                dtype: str | None = None) -> Explainer:
+    """One loaded (and, once used, compiled) model per checkpoint per process, sharded on a local mesh."""
+    devices = jax.local_devices()
+    placement = sharding.make_mesh(tuple(int(s) for s in mesh.split(",")), devices=devices)
+    return explainer_lib.load(checkpoint, tokenizer=tokenizer, step=step, mesh=placement,
+                              dtype=COMPUTE_DTYPES[dtype] if dtype else None)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="stage-3 workdir, its checkpoints/ folder, or an imported model checkpoint")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the run config's init_from)")
+    parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor mesh over the local devices "
+                                                         "(default: FSDP over all of them)")
+    parser.add_argument("--dtype", choices=tuple(COMPUTE_DTYPES), help="compute dtype (default: the run's)")
 
 
 def chat_completion(messages: Sequence[dict[str, str]], checkpoint: str, decoding: Decoding | None = None) -> str:
@@ -82,8 +99,7 @@ def decoding_from(args: argparse.Namespace) -> Decoding:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m xemogpt_jax.infer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="trainer workdir or its checkpoints/ folder")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the run config's init_from)")
+    add_model_arguments(parser)
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     parser.add_argument("--video", type=Path)
     parser.add_argument("--audio", type=Path)
@@ -222,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     check_args(args)
-    model = load_cached(str(args.checkpoint), args.tokenizer, args.step)
+    model = load_cached(str(args.checkpoint), args.tokenizer, args.step, args.mesh, args.dtype)
     if args.batch is not None:
         media_root = args.media_root or args.batch.parent
         counts = run_batch(model, args.batch, args.out, media_root, decoding, args.batch_size, not args.no_progress,

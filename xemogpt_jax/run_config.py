@@ -25,7 +25,7 @@ from xemogpt_jax.models.hubert import HubertConfig
 from xemogpt_jax.models.lora import LoraConfig
 from xemogpt_jax.models.qwen3 import Qwen3Config, parse_dtype
 from xemogpt_jax.models.xemogpt import XEmoGPTConfig
-from xemogpt_jax.models.xemogpt_params import ModelSpec
+from xemogpt_jax.models.xemogpt_params import ModelSpec, vision_hf_config
 from xemogpt_jax.preprocessing import audio as audio_pre
 
 RunConfig = Mapping[str, Any] | ml_collections.ConfigDict
@@ -153,4 +153,24 @@ def xemogpt_config(run: RunConfig, tokenizer: Any = None) -> XEmoGPTConfig:
         truncate=str(data.get("truncate", "tail")),
         dtype=dtype,
         train_encoders=bool(model.get("train_encoders", False)),
+    )
+
+
+def model_spec(run: RunConfig) -> ModelSpec:
+    """The :class:`ModelSpec` of a stage-3 run: its architectures, bridge sizes, LoRA and weight sources.
+
+    What an export of a trained run writes beside the weights; ``sources`` are the imported model's
+    (``init_from.model``) overridden by the run's own HF folders and tokenizer.
+    """
+    run = as_dict(run)
+    init = run.get("init_from", {})
+    sources = {}
+    if init.get("model"):
+        sources.update(ModelSpec.from_json(checkpoint.restore_config(init["model"])).sources)
+    sources.update({k: init[k] for k in ("llm", "clip", "hubert", "tokenizer") if init.get(k)})
+    resolved = resolve(run)
+    return ModelSpec(
+        llm=architecture(resolved, "llm"), vision=vision_hf_config(architecture(resolved, "clip")),
+        hubert=architecture(resolved, "hubert"), **bridge_settings(resolved), lora=lora_settings(resolved),
+        sources=sources,
     )

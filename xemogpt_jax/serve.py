@@ -45,7 +45,6 @@ from types import FrameType
 import uvicorn
 
 from xemogpt_jax import cli_checks
-from xemogpt_jax import explainer as explainer_lib
 from xemogpt_jax import infer
 from xemogpt_jax.explainer import Explainer
 from xemogpt_jax.serving.app import ServingState, Settings, build_app
@@ -134,8 +133,7 @@ class Server:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m xemogpt_jax.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="trainer workdir or its checkpoints/ folder")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the run config's init_from)")
+    infer.add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--max-batch", type=int, default=8)
@@ -165,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         defaults = infer.decoding_from(args)
     except ValueError as error:
         parser.error(str(error))
-    model = explainer_lib.load(args.checkpoint, tokenizer=args.tokenizer)
+    model = infer.load_cached(str(args.checkpoint), args.tokenizer, None, args.mesh, args.dtype)
     settings = Settings(
         model_name=args.model_name, defaults=defaults, max_body_bytes=int(args.max_body_mb * (1 << 20)),
         request_timeout_s=args.request_timeout_s, media_root=args.media_root,

@@ -19,7 +19,6 @@ A stage 1-2 checkpoint that holds its trained tower gives it to stage 3 (``init_
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from data_pipelines import pipelines
-from xemogpt_jax import checkpoint, losses, model_checkpoint, prompt, run_config, sharding
+from xemogpt_jax import loading, losses, prompt, run_config
 from xemogpt_jax.models import bridges, clip_params, hubert_params, lora as lora_lib, qwen3_params
 from xemogpt_jax.models.bert import BertConfig, BertModel
 from xemogpt_jax.models.clip import CLIPConfig, CLIPModel
@@ -41,12 +40,6 @@ from xemogpt_jax.models.xemogpt import XEmoGPT
 from xemogpt_jax.trainer import Task
 
 LOGIT_SCALE = "align_logit_scale"
-
-
-def _copy_into(target: nnx.Module, source: nnx.Module, mesh: Mesh) -> None:
-    """Overwrite ``target``'s variables with ``source``'s, placed by ``target``'s logical axes."""
-    state = nnx.state(source)
-    nnx.update(target, jax.device_put(state, sharding.state_shardings(nnx.state(target), mesh)))
 
 
 def _loader(config: ml_collections.ConfigDict, batch_size: int, process: int, count: int, **kw: Any):
@@ -137,8 +130,7 @@ def align_video_task(config: ml_collections.ConfigDict) -> Task:
 
     def load_pretrained(model: VideoAlignModel, mesh: Mesh) -> None:
         if config.init_from.clip:
-            loaded, _ = clip_params.load_clip(config.init_from.clip, mesh=mesh, dtype=dtype)
-            _copy_into(model.clip, loaded, mesh)
+            loading.fill_from_hf(model.clip, config.init_from.clip, clip_params.key_map, mesh)
 
     return Task(
         build_model=lambda rngs: VideoAlignModel(clip_config, vecb_config, config.loss.tau_init, rngs=rngs, dtype=dtype),
@@ -210,10 +202,9 @@ def align_audio_task(config: ml_collections.ConfigDict) -> Task:
 
     def load_pretrained(model: AudioAlignModel, mesh: Mesh) -> None:
         if config.init_from.hubert:
-            loaded, _ = hubert_params.load_hubert(config.init_from.hubert, mesh=mesh, dtype=dtype)
-            _copy_into(model.hubert, loaded, mesh)
+            loading.fill_from_hf(model.hubert, config.init_from.hubert, hubert_params.hubert_key_map(), mesh)
         if text_folder:
-            _copy_into(model.text_encoder, SentenceEncoder.from_folder(text_folder).pipeline, mesh)
+            loading.place_module(model.text_encoder, SentenceEncoder.from_folder(text_folder).pipeline, mesh)
 
     return Task(
         build_model=lambda rngs: AudioAlignModel(
@@ -236,8 +227,6 @@ def align_audio_task(config: ml_collections.ConfigDict) -> Task:
 BRIDGE_PARTS = {"vecb": ("position_embedding", "visual_alignment_layer"), "aecb": ("audio_alignment_layer",)}
 PROJECTIONS = ("visual_llm_project", "audio_llm_project")
 ENCODERS = ("vision_tower", "audio_tower")
-# Where the stage 1-2 models keep stage 3's towers (carried over when ``model.train_encoders``).
-TOWERS_IN_STAGES = {"vision_tower": ("clip", "vision_model"), "audio_tower": ("hubert",)}
 
 
 def bridge_layers(path: tuple[Any, ...], value: Any) -> bool:
@@ -267,35 +256,6 @@ def sft_loss(model: XEmoGPT, batch: dict, key: jax.Array) -> tuple[jax.Array, di
     return loss, {"target_tokens": jnp.sum(batch["labels"] != prompt.IGNORE_INDEX)}
 
 
-def bridge_stage_parts(init_from: Any, with_bridges: bool) -> list[tuple[str, dict[str, Any]]]:
-    """(XEmoGPT attribute, numpy params) taken from the stage 1-2 workdirs that ``init_from`` names.
-
-    The bridges when ``with_bridges``, and every tower a stage trained (``model.train_encoders``), so
-    that stage 3 and the explainer see the same towers even when stage 3 keeps them frozen.
-    """
-    parts = []
-    for key, bridge, tower in (("video_bridge", "vecb", "vision_tower"), ("audio_bridge", "aecb", "audio_tower")):
-        workdir = init_from.get(key) if hasattr(init_from, "get") else None
-        if not workdir:
-            continue
-        trained = checkpoint.restore_state_numpy(Path(workdir) / "checkpoints")["model"]
-        if with_bridges:
-            parts.append((bridge, trained[bridge]))
-        tower_values = _nested(trained, TOWERS_IN_STAGES[tower])
-        if tower_values is not None:
-            parts.append((tower, tower_values))
-    return parts
-
-
-def _nested(tree: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
-    """``tree[path[0]][path[1]]...``, or None where a key is missing."""
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
 def sft_task(config: ml_collections.ConfigDict) -> Task:
     tokenizer = qwen3_params.load_tokenizer(config.init_from.tokenizer or config.init_from.llm)
     model_config = run_config.xemogpt_config(config, tokenizer)
@@ -313,25 +273,7 @@ def sft_task(config: ml_collections.ConfigDict) -> Task:
         return make
 
     def load_pretrained(model: XEmoGPT, mesh: Mesh) -> None:
-        dtype = model_config.dtype
-        if config.init_from.get("model"):
-            model_checkpoint.copy_weights(model, config.init_from.model, mesh)
-        if config.init_from.clip:
-            loaded, _ = clip_params.load_clip_vision(config.init_from.clip, mesh=mesh, dtype=dtype)
-            _copy_into(model.vision_tower, loaded, mesh)
-        if config.init_from.hubert:
-            loaded, _ = hubert_params.load_hubert(config.init_from.hubert, mesh=mesh, dtype=dtype)
-            _copy_into(model.audio_tower, loaded, mesh)
-        if config.init_from.llm:
-            loaded, _ = qwen3_params.load_hf(
-                config.init_from.llm, mesh=mesh, dtype=dtype, remat=config.model.remat, lora=model_config.llm.lora
-            )
-            _copy_into(model.llm, loaded, mesh)
-        for attribute, values in bridge_stage_parts(config.init_from, with_bridges=True):
-            module = getattr(model, attribute)
-            state = nnx.state(module)
-            nnx.replace_by_pure_dict(state, values)
-            nnx.update(module, jax.device_put(state, sharding.state_shardings(state, mesh)))
+        loading.fill_init_from(model, config.init_from, mesh)
 
     return Task(
         build_model=lambda rngs: XEmoGPT(model_config, rngs=rngs),

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from data_pipelines import pipelines
 from xemogpt_jax import checkpoint as checkpoint_lib
 from xemogpt_jax import metrics as metrics_lib
-from xemogpt_jax import optim, sharding
+from xemogpt_jax import loading, optim, sharding
 
 Batch = dict[str, Any]
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -51,7 +51,8 @@ class Task:
     """One training stage.
 
     ``build_model(rngs)`` must be traceable (it runs under ``nnx.eval_shape`` and ``jax.jit``);
-    ``load_pretrained(model, mesh)`` then fills imported weights in place (``init_from``).
+    ``load_pretrained(model, mesh)`` fills imported weights (``init_from``) into the abstract model, each
+    placed in its sharding (:mod:`xemogpt_jax.loading`); what it leaves unset is initialised from the seed.
     ``train_data(process_index, process_count)`` yields this process's rows of each GLOBAL batch
     (numpy arrays, leading axis = global batch / process count); ``eval_data`` likewise, restarted
     for every evaluation. ``tokens(batch)`` counts the tokens of a local batch for tokens/s;
@@ -110,7 +111,7 @@ def build_engine(
     seed: int,
     learning_rate: optax.Schedule = lambda step: 0.0,
 ) -> Engine:
-    """Create the state directly sharded on ``mesh``, import pretrained weights, and jit the step.
+    """Build the state abstractly, fill it sharded on ``mesh`` (:mod:`xemogpt_jax.loading`), and jit the step.
 
     ``learning_rate(step)`` is only reported (the schedule itself lives inside ``tx``).
     """
@@ -119,10 +120,11 @@ def build_engine(
         return TrainState(task.build_model(nnx.Rngs(seed)), tx, task.trainable, seed)
 
     with jax.set_mesh(mesh):
-        state = sharding.create_sharded(factory, mesh)
+        state = nnx.eval_shape(factory)
         if task.load_pretrained is not None:
             task.load_pretrained(state.model, mesh)
-            # The optimizer was initialised before the import; Adam moments are zeros either way.
+        seeded = loading.init_unset(state, factory, mesh)
+    loading.log_seeded([p[1:] for p in seeded if p[0] == "model"], "model", seed)
     graphdef, frozen, trained = nnx.split(state, frozen_filter(task.trainable), ...)
     step_fn = make_train_step(graphdef, task.loss, task.trainable, frozen, trained, mesh, learning_rate)
     return Engine(graphdef, frozen, trained, mesh, step_fn, make_eval_step(graphdef, task, seed), task.trainable)

@@ -110,12 +110,21 @@ def make_linear(
     )
 
 
+def _folded(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float) -> jax.Array:
+    delta = jnp.matmul(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32))
+    return (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
+
+
 def merge_lora(model: nnx.Module) -> None:
-    """Fold every adapter into its base kernel in place and drop the adapters (for export)."""
+    """Fold every adapter into its base kernel in place and drop the adapters (for inference and export).
+
+    Each fold is jitted with the kernel's own sharding as output, so a sharded (stacked) kernel is
+    never gathered onto one device or host.
+    """
     for _, module in nnx.iter_graph(model):
         if isinstance(module, LoraLinear) and module.lora_a is not None:
             kernel = module.kernel[...]
-            delta = jnp.matmul(module.lora_a[...].astype(jnp.float32), module.lora_b[...].astype(jnp.float32))
-            module.kernel[...] = (kernel.astype(jnp.float32) + module.lora_scale * delta).astype(kernel.dtype)
+            fold = jax.jit(_folded, static_argnums=3, out_shardings=kernel.sharding)
+            module.kernel[...] = fold(kernel, module.lora_a[...], module.lora_b[...], module.lora_scale)
             module.lora_a = None
             module.lora_b = None
