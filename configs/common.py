@@ -71,7 +71,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
 
     c.perf = ml_collections.ConfigDict()
     c.perf.peak_flops_per_device = PEAK_FLOPS["h100"]
-    c.perf.flops_from = "traced"  # "traced" (matmuls + convolutions of the traced step) or "params" (parameter-count rule)
+    # "traced" (matmuls + convolutions of the traced step) or "params" (parameter-count rule)
+    c.perf.flops_from = "traced"
     return c
 
 

@@ -42,7 +42,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.align_dim = video.align_dim  # one width for both bridges' heads
     c.model.remat = True  # rematerialise LLM layers in the backward pass
     c.model.unroll_layers = False  # True unrolls the LLM layer scan: faster at a few layers, slower to compile
-    c.model.lora = ml_collections.ConfigDict(dict(rank=512, alpha=512.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))
+    c.model.lora = ml_collections.ConfigDict(
+        dict(rank=512, alpha=512.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))
     c.model.train_bridges = True  # False: bridges frozen in stage 3
     c.model.train_encoders = False  # True: CLIP vision + HuBERT train too, from stages 1-2 (tiny only)
 
@@ -62,7 +63,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         common.tiny_overrides(c)
         c.model.remat = False
         # The tiny LLM is random-init (no pretrained base to adapt), so it is fully fine-tuned: rank -1.
-        c.model.lora = ml_collections.ConfigDict(dict(rank=-1, alpha=16.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj")))
+        c.model.lora = ml_collections.ConfigDict(
+            dict(rank=-1, alpha=16.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj")))
         c.data.max_audio_seconds = 3.0
         c.data.max_context = 512
         c.data.length_buckets = (384, 512, 640, 768)

@@ -1,1 +1,2 @@
-"""Data pipelines: media -> versioned ArrayRecord shards (decode once), Grain pipelines, TFDS builder, synthetic data."""
+"""Data pipelines: media -> versioned ArrayRecord shards (decode once), Grain pipelines, TFDS builder, synthetic
+data."""

@@ -1,4 +1,5 @@
-"""EmoCue-360 scoring: every edge case of docs/architecture.md section 5 by hand, and real MiniLM vs sentence-transformers."""
+"""EmoCue-360 scoring: every edge case of docs/architecture.md section 5 by hand, and real MiniLM vs
+sentence-transformers."""
 
 import json
 import math

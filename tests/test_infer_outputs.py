@@ -109,7 +109,8 @@ def test_score_equals_reference_teacher_forced_log_likelihood(world, capsys):
 
 def test_json_greedy_token_logprobs_equal_reference_log_softmax(world, capsys):
     record = run_infer(world, capsys, "--json", "--greedy", "--num-beams", "1", "--max-new-tokens", str(NEW_TOKENS))
-    embeds, embed, eos = release_prompt(world), world["reference"].llm.get_input_embeddings(), world["tokenizer"].eos_token_id
+    embeds, embed = release_prompt(world), world["reference"].llm.get_input_embeddings()
+    eos = world["tokenizer"].eos_token_id
     tokens, logprobs = [], []
     for _ in range(NEW_TOKENS):
         step = reference_log_softmax(world, embeds)[-1]

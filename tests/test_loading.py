@@ -109,7 +109,8 @@ def test_release_export_reimported_explains_the_clip_like_the_trained_run(run, t
     export_pytorch.main(["--checkpoint", workdir, "--out", str(tmp_path / "release"), "--format", "xemogpt"])
     import_weights.main([
         "--llm", str(run["hf"]["llm"]), "--clip", str(tmp_path / "hf" / "clip"),
-        "--hubert", str(tmp_path / "hf" / "hubert"), "--release-ckpt", str(tmp_path / "release" / "xemogpt.safetensors"),
+        "--hubert", str(tmp_path / "hf" / "hubert"),
+        "--release-ckpt", str(tmp_path / "release" / "xemogpt.safetensors"),
         "--config", str(run["config"]), "--out", str(tmp_path / "imported"),
     ])
     trained, again = explainer.load(workdir), explainer.load(tmp_path / "imported")

@@ -159,7 +159,8 @@ def test_head_truncation_keeps_the_start_of_the_condition_as_the_release_does(to
     cut_in_audio = prompt.build_sample(
         tokenizer, subtitle=SUBTITLE, instruction=INSTRUCTION, num_audio_tokens=500, max_context=100, truncate="head"
     )
-    np.testing.assert_array_equal(cut_in_audio.feature_index[cut_in_audio.kind == 1], np.arange(100 - len(head.encode())))
+    audio_index = cut_in_audio.feature_index[cut_in_audio.kind == 1]
+    np.testing.assert_array_equal(audio_index, np.arange(100 - len(head.encode())))
     short = dict(subtitle=SUBTITLE, instruction=INSTRUCTION, target=TARGET, num_audio_tokens=7, has_video=True)
     np.testing.assert_array_equal(prompt.build_sample(tokenizer, **short, truncate="head").token_ids,
                                   prompt.build_sample(tokenizer, **short).token_ids)

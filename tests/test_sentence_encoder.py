@@ -104,7 +104,8 @@ def test_tiny_labse_style_folder_matches_sentence_transformers(tiny_bert_dir, tm
 @pytest.mark.parametrize("pooling_mode, dense, width", [("cls", True, 16), (("cls", "mean"), False, 48)])
 def test_output_width_is_read_from_the_module_configs(tiny_bert_dir, tmp_path, pooling_mode, dense, width):
     """What sizes the AECB text head when a sentence encoder folder is given; no weights are read."""
-    folder = _build_folder(tiny_bert_dir, tmp_path / "st", pooling_mode, dense=dense, normalize=True, do_lower_case=False)
+    folder = _build_folder(tiny_bert_dir, tmp_path / "st", pooling_mode, dense=dense, normalize=True,
+                           do_lower_case=False)
     assert output_width(folder) == SentenceEncoder.from_folder(folder).dimension == width
 
 

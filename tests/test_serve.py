@@ -78,7 +78,8 @@ def client(server) -> openai.OpenAI:
 def clip_parts() -> list[dict]:
     video, wav = shared_clip()
     return [
-        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()}},
+        {"type": "video_url",
+         "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()}},
         {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav.read_bytes()).decode(), "format": "wav"}},
         {"type": "text", "text": INSTRUCTION},
     ]
@@ -130,13 +131,14 @@ def test_file_url_under_media_root_and_explain_upload(client, server, infer_reco
     video, wav = shared_clip()
     parts = [{"type": "video_url", "video_url": {"url": video.as_uri()}}, clip_parts()[1], clip_parts()[2]]
     assert ask(client, parts).choices[0].message.content == infer_record["explanation"]
+    auth = {"Authorization": f"Bearer {KEY}"}
     reply = httpx.post(server.url + "/v1/explain", params={"instruction": INSTRUCTION, "subtitle": "hi"},
-                       content=wav.read_bytes(), headers={"Content-Type": "audio/wav", "Authorization": f"Bearer {KEY}"},
+                       content=wav.read_bytes(), headers={"Content-Type": "audio/wav", **auth},
                        timeout=600)
     assert reply.status_code == 200 and reply.json()["batch_size"] >= 1 and "explanation" in reply.json()
-    auth = {"Authorization": f"Bearer {KEY}"}
-    by_path = httpx.post(server.url + "/v1/explain", json={"video": video.name, "instruction": INSTRUCTION,
-                                                           "greedy": True, "num_beams": 1, "max_new_tokens": NEW_TOKENS},
+    request = {"video": video.name, "instruction": INSTRUCTION, "greedy": True, "num_beams": 1,
+               "max_new_tokens": NEW_TOKENS}
+    by_path = httpx.post(server.url + "/v1/explain", json=request,
                          headers=auth, timeout=600)
     assert by_path.status_code == 200 and by_path.json()["explanation"]
     outside = httpx.post(server.url + "/v1/explain", json={"video": "../../etc/passwd"}, headers=auth, timeout=60)

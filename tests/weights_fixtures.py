@@ -1,4 +1,5 @@
-"""Tiny HF models on disk and a release-style PyTorch XEmoGPT (docs/architecture.md section 7 names, real PEFT wrapping).
+"""Tiny HF models on disk and a release-style PyTorch XEmoGPT (docs/architecture.md section 7 names, real PEFT
+wrapping).
 
 Shared by the importer and exporter tests. The release tree is built from transformers and peft
 modules, so its state dict carries the key names the authors' checkpoint has, including PEFT's

@@ -31,7 +31,9 @@ EVAL_METRIC = "eval_loss"
 
 def _handlers() -> dict[str, Any]:
     """Handlers for every item, so reading one item does not warn about the others."""
-    return {STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
+    return {
+        STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()
+    }
 
 
 def resolve(directory: str | os.PathLike) -> epath.Path:

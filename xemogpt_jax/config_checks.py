@@ -84,8 +84,9 @@ def _check_tokenizer(problems: Problems, config: ml_collections.ConfigDict) -> N
     elif any(name == flag(f"init_from.{fallback}") for name, _ in problems.found):
         return  # setting the weights it is missing gives the tokenizer too
     elif not init.get(fallback):
-        problems.add(flag("init_from.tokenizer"), f"not set, and neither is {flag('init_from.' + fallback)} whose "
-                                                  f"folder would carry one; pass a tokenizer folder, e.g. {SYNTH_TOKENIZER}")
+        problems.add(flag("init_from.tokenizer"),
+                     f"not set, and neither is {flag('init_from.' + fallback)} whose folder would carry one; "
+                     f"pass a tokenizer folder, e.g. {SYNTH_TOKENIZER}")
     elif Path(init[fallback]).is_dir():  # a missing folder is reported by the weight checks
         problems.tokenizer_folder(flag(f"init_from.{fallback}"), init[fallback])
 

@@ -1,6 +1,7 @@
 """An XEmoGPT checkpoint (a stage-3 run or an imported model) -> files PyTorch users load.
 
-    xemogpt-export (or python tools/export_pytorch.py) --checkpoint DIR --out DIR --format hf|xemogpt|peft [--dtype fp32|bf16]
+    xemogpt-export --checkpoint DIR --out DIR --format hf|xemogpt|peft [--dtype fp32|bf16] [--overwrite]
+    (or python tools/export_pytorch.py ...)
 
 - ``hf``: ``llm/`` (transformers causal LM, LoRA merged, config.json from the source config with
   the export dtype, tokenizer files copied from the source folder when it is still there),
@@ -116,7 +117,8 @@ def export_peft(model: XEmoGPT, spec: ModelSpec, out: Path, dtype: str) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="stage-3 workdir, its checkpoints/ folder, or an imported model checkpoint")
+    parser.add_argument("--checkpoint", required=True,
+                        help="stage-3 workdir, its checkpoints/ folder, or an imported model checkpoint")
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     parser.add_argument("--out", required=True, help="a new or empty folder (written whole, or not at all)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out, an earlier export")

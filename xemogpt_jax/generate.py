@@ -330,8 +330,8 @@ def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array)
         worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _NEG)
         unsatisfied = s["unsatisfied"] & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
         new = dict(
-            running_trace=running_trace, trace=trace, running_seq=running_seq, running_scores=running_scores, seqs=seqs, scores=scores,
-            finished=finished, unsatisfied=unsatisfied,
+            running_trace=running_trace, trace=trace, running_seq=running_seq, running_scores=running_scores,
+            seqs=seqs, scores=scores, finished=finished, unsatisfied=unsatisfied,
         )
         return new, next_parents, running_seq[:, :, step]
 

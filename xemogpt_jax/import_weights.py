@@ -9,8 +9,8 @@ bridges' text heads take the encoders' widths; a release file's own tensor shape
 these. The release file may be a bare state dict or hold it under ``state_dict`` (older,
 Lightning-style files with ``epoch``, ``global_step``, ...).
 Every source is streamed tensor by tensor, each tensor placed straight into its sharding on the
-mesh (``--mesh``), so no host holds the whole model; later sources override earlier ones (HF dirs, then the release file, then the
-adapter). The release file is a torch pickle and is opened only with
+mesh (``--mesh``), so no host holds the whole model; later sources override earlier ones (HF dirs,
+then the release file, then the adapter). The release file is a torch pickle and is opened only with
 ``torch.load(..., weights_only=True)`` (safetensors files are read without pickle), so a file
 that would run code on load is refused. Unused and missing keys are reported; a tensor whose
 shape disagrees with the model stops the import, naming the key and both shapes. Parameters no

@@ -114,7 +114,8 @@ def fill_from_hf(module: nnx.Module, folder: str | Path, key_map: hf_io.KeyMap, 
 
 
 def place_module(target: nnx.Module, source: nnx.Module, mesh: Mesh) -> None:
-    """Every variable of a small host-built ``source`` (a sentence-transformers pipeline) into ``target``'s shardings."""
+    """Every variable of a small host-built ``source`` (a sentence-transformers pipeline) into ``target``'s
+    shardings."""
     state = nnx.state(source)
     nnx.update(target, jax.device_put(state, sharding.state_shardings(nnx.state(target), mesh)))
 

@@ -84,7 +84,8 @@ def masked_frame_modeling(predicted: jax.Array, target: jax.Array, mask: jax.Arr
 
     ``target`` is the frozen CLS feature (no gradient flows into it). Zero when nothing is masked.
     """
-    per_frame = jnp.mean(jnp.square(predicted.astype(jnp.float32) - jax.lax.stop_gradient(target).astype(jnp.float32)), -1)
+    error = predicted.astype(jnp.float32) - jax.lax.stop_gradient(target).astype(jnp.float32)
+    per_frame = jnp.mean(jnp.square(error), -1)
     weights = mask.astype(jnp.float32)
     return jnp.sum(per_frame * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 

@@ -98,7 +98,9 @@ class MetricsWriter:
         self.last_time = now
         return elapsed
 
-    def write(self, step: int, metrics: dict[str, float], *, tokens: int, seconds: float, prefix: str = "train") -> dict[str, float]:
+    def write(
+        self, step: int, metrics: dict[str, float], *, tokens: int, seconds: float, prefix: str = "train"
+    ) -> dict[str, float]:
         """Log one step's scalars (``step`` is the count of completed steps); returns what was logged."""
         record = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
         if seconds > 0:

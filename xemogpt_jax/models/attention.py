@@ -119,8 +119,9 @@ def _attention_bwd(scale, causal, residuals, out_grad):
         unseen = ((0, 0), (0, 0), (0, 0), (0, k.shape[1] - visible))
         k_grad_t += jnp.pad(jnp.matmul(_stacked_rows(grouped_q[:, :, :, rows]).swapaxes(-1, -2),
                                        _stacked_rows(score_grad), preferred_element_type=jnp.float32), unseen)
-        v_grad_t += jnp.pad(jnp.matmul(_stacked_rows((grad[:, :, :, rows] * inverse).astype(v.dtype)).swapaxes(-1, -2),
-                                       _stacked_rows(block.astype(v.dtype)), preferred_element_type=jnp.float32), unseen)
+        weighted_grad = _stacked_rows((grad[:, :, :, rows] * inverse).astype(v.dtype)).swapaxes(-1, -2)
+        v_grad_t += jnp.pad(jnp.matmul(weighted_grad, _stacked_rows(block.astype(v.dtype)),
+                                       preferred_element_type=jnp.float32), unseen)
     return (
         _ungrouped(jnp.concatenate(q_grads, axis=3) * scale).astype(q.dtype),
         (k_grad_t * scale).transpose(0, 3, 1, 2).astype(k.dtype),

@@ -1,4 +1,5 @@
-"""The release's PyTorch key names (docs/architecture.md, section 7) <-> our XEmoGPT parameter tree, and the model config as JSON.
+"""The release's PyTorch key names (docs/architecture.md, section 7) <-> our XEmoGPT parameter tree, and the
+model config as JSON.
 
 The sub-trees that are plain HF models reuse their family's key map: ``llm_model.base_model.model.``
 (Qwen3/Qwen2, :mod:`qwen3_params`), ``visual_encoder.clip.`` (:mod:`clip_params`) and
