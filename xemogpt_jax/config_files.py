@@ -33,6 +33,15 @@ def resolve_path(file: str) -> Path:
     raise FileNotFoundError(f"--config {file}: no such file (packaged configs: {known})")
 
 
+def located(spec: str) -> str:
+    """``FILE[:variant]`` with ``FILE`` made a path that exists (a packaged config's), or unchanged when none does."""
+    file, colon, variant = spec.partition(":")
+    try:
+        return f"{resolve_path(file)}{colon}{variant}"
+    except FileNotFoundError:
+        return spec
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
     """``FILE[:variant]`` -> the ConfigDict of that file's ``get_config(variant)``."""
     file, _, variant = spec.partition(":")

@@ -16,7 +16,7 @@ from absl import logging as absl_logging
 import ml_collections
 from ml_collections import config_flags
 
-from xemogpt_jax import cli_checks, config_checks
+from xemogpt_jax import cli_checks, config_checks, config_files
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/sft.py:tiny.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and metrics.jsonl go here.")
@@ -73,7 +73,13 @@ def cli() -> None:
         print(__doc__)
         print(flags.FLAGS.module_help(__name__))
         return
-    app.run(main)
+    app.run(main, argv=_with_located_config(sys.argv))
+
+
+def _with_located_config(argv: list[str]) -> list[str]:
+    """``--config=sft.py:tiny`` names the packaged config when no such file is here, as the other commands do."""
+    return [f"--config={config_files.located(arg[len('--config='):])}" if arg.startswith("--config=") else arg
+            for arg in argv]
 
 
 if __name__ == "__main__":
