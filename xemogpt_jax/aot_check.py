@@ -372,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     compiled = compile_step(False)
     seconds = time.perf_counter() - start
-    print(f"lowered and compiled in {seconds:.1f} s")
+    print(f"lowered and compiled in {seconds:.1f} s", flush=True)
     unit = target.unit
     memory = memory_of(compiled)
     if memory is None:
@@ -388,6 +388,12 @@ def run(args: argparse.Namespace) -> int:
         print(line)
 
     start = time.perf_counter()
+    as_configured = cost_of(compiled)
+    if as_configured.loops and args.unrolled_cost:
+        seconds_text = f"{as_configured.seconds * 1e3:.3f} ms" if as_configured.seconds else "none"
+        print(f"the step as configured has {as_configured.loops} loop(s); XLA's counts with each body once: "
+              f"{as_configured.flops / 1e12:.4g} TFLOP per {unit}, step time {seconds_text}; compiling it unrolled",
+              flush=True)
     if args.unrolled_cost:
         cost, unrolled = scan_free_cost(compile_step, compiled)
     else:
