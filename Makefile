@@ -4,12 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
+# tpu: libtpu, so the tests compile for TPU topologies (tests/test_aot_tpu.py); it stays idle on CPU hosts.
+EXTRAS ?= media,torch,dev,tpu
 
 .PHONY: install chromium demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[media,torch,dev]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -173,14 +173,20 @@ def stage1_dataset(records_dir: str | Path, text_tokenizer: Any, config: LoaderC
         return {"frames": clip_pixels(record, frame_size),
                 "text": caption_tokens(text_tokenizer, record["captions"][0], text_max_length)}
 
+    collate = stage1_collate(text_tokenizer.pad_token_id, frame_size=frame_size, text_max_length=text_max_length)
+    records = _ordered_records(records_dir, config, lambda r: r["has_video"] and bool(r["captions"]))
+    return _finish(records.map(sample), config, collate)
+
+
+def stage1_collate(pad_id: int, *, frame_size: int, text_max_length: int) -> Callable[[Sequence[Any]], Batch]:
+    """Stage 1's batch of ``{"frames": [16, S, S, 3] | None, "text": ids}`` samples."""
+
     def collate(samples: Sequence[dict[str, np.ndarray]]) -> Batch:
-        text_ids, text_mask = pad_rows([s["text"] for s in samples], text_max_length,
-                                       text_tokenizer.pad_token_id, np.int32)
+        text_ids, text_mask = pad_rows([s["text"] for s in samples], text_max_length, pad_id, np.int32)
         return {"pixel_values": frames_batch([s["frames"] for s in samples], frame_size),
                 "text_ids": text_ids, "text_mask": text_mask}
 
-    records = _ordered_records(records_dir, config, lambda r: r["has_video"] and bool(r["captions"]))
-    return _finish(records.map(sample), config, collate)
+    return collate
 
 
 def stage2_dataset(records_dir: str | Path, text_tokenizer: Any, config: LoaderConfig, *,
@@ -192,14 +198,22 @@ def stage2_dataset(records_dir: str | Path, text_tokenizer: Any, config: LoaderC
         return {"audio": audio_float32(record),
                 "text": caption_tokens(text_tokenizer, record["captions"][-1], text_max_length)}
 
-    def collate(samples: Sequence[dict[str, np.ndarray]]) -> Batch:
-        input_values, audio_mask = audio_batch([s["audio"] for s in samples], max_audio_samples, audio_config)
-        text_ids, text_mask = pad_rows([s["text"] for s in samples], text_max_length,
-                                       text_tokenizer.pad_token_id, np.int32)
-        return {"input_values": input_values, "audio_mask": audio_mask, "text_ids": text_ids, "text_mask": text_mask}
-
+    collate = stage2_collate(text_tokenizer.pad_token_id, max_audio_samples=max_audio_samples,
+                             text_max_length=text_max_length, audio_config=audio_config)
     records = _ordered_records(records_dir, config, lambda r: r["has_audio"] and bool(r["captions"]))
     return _finish(records.map(sample), config, collate)
+
+
+def stage2_collate(pad_id: int, *, max_audio_samples: int, text_max_length: int,
+                   audio_config: AudioPreprocessConfig = AudioPreprocessConfig()) -> Callable[[Sequence[Any]], Batch]:
+    """Stage 2's batch of ``{"audio": waveform | None, "text": ids}`` samples."""
+
+    def collate(samples: Sequence[dict[str, np.ndarray]]) -> Batch:
+        input_values, audio_mask = audio_batch([s["audio"] for s in samples], max_audio_samples, audio_config)
+        text_ids, text_mask = pad_rows([s["text"] for s in samples], text_max_length, pad_id, np.int32)
+        return {"input_values": input_values, "audio_mask": audio_mask, "text_ids": text_ids, "text_mask": text_mask}
+
+    return collate
 
 
 def stage3_dataset(records_dir: str | Path, tokenizer: Any, config: LoaderConfig, *,
@@ -221,8 +235,18 @@ def stage3_dataset(records_dir: str | Path, tokenizer: Any, config: LoaderConfig
             has_video=record["has_video"], max_context=max_context, truncate=truncate)
         return {"sample": laid_out, "frames": clip_pixels(record, frame_size), "audio": audio}
 
+    collate = stage3_collate(tokenizer.pad_token_id, buckets=buckets, frame_size=frame_size,
+                             max_audio_samples=max_audio_samples, audio_config=audio_config)
+    records = _ordered_records(records_dir, config, lambda r: bool(r["description"]))
+    return _finish(records.map(sample), config, collate)
+
+
+def stage3_collate(pad_id: int, *, buckets: Sequence[int], frame_size: int, max_audio_samples: int,
+                   audio_config: AudioPreprocessConfig = AudioPreprocessConfig()) -> Callable[[Sequence[Any]], Batch]:
+    """Stage 3's batch of ``{"sample": prompt.Sample, "frames": ... | None, "audio": waveform | None}`` samples."""
+
     def collate(samples: Sequence[dict[str, Any]]) -> Batch:
-        batch = prompt.collate([s["sample"] for s in samples], buckets, tokenizer.pad_token_id)
+        batch = prompt.collate([s["sample"] for s in samples], buckets, pad_id)
         batch["pixel_values"] = frames_batch([s["frames"] for s in samples], frame_size)
         batch["has_video"] = np.asarray([s["frames"] is not None for s in samples])
         batch["input_values"], batch["audio_mask"] = audio_batch(
@@ -230,8 +254,16 @@ def stage3_dataset(records_dir: str | Path, tokenizer: Any, config: LoaderConfig
         batch["has_audio"] = np.asarray([s["audio"] is not None for s in samples])
         return batch
 
-    records = _ordered_records(records_dir, config, lambda r: bool(r["description"]))
-    return _finish(records.map(sample), config, collate)
+    return collate
+
+
+def batch_shapes(collate: Callable[[Sequence[Any]], Batch], sample: Any, batch_size: int) -> dict[str, Any]:
+    """The fields, shapes and dtypes of ``collate``'s batch of ``batch_size`` samples like ``sample``, as
+    ``jax.ShapeDtypeStruct``s: collated from one sample, so no batch-sized array is ever built (for
+    ahead-of-time compilation, :mod:`xemogpt_jax.aot_check`)."""
+    one = collate([sample])
+    return {name: jax.ShapeDtypeStruct((batch_size, *np.shape(value)[1:]), np.asarray(value).dtype)
+            for name, value in one.items()}
 
 
 def stage3_pad_values(pad_id: int) -> dict[str, int | str]:

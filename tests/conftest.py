@@ -1,9 +1,12 @@
-"""Test session setup: 8 host CPU devices so every sharded code path runs, and no network."""
+"""Test session setup: 8 host CPU devices so every sharded code path runs (never a TPU), and no network."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The suite runs on host CPUs, on a TPU VM too and with libtpu installed (the tpu extra), where JAX would
+# otherwise probe for a TPU; subprocesses inherit it. TPU compiles (test_aot_tpu.py) need no TPU backend.
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 

@@ -94,6 +94,18 @@ def _trained_names(task):
     return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(pure)}
 
 
+@pytest.mark.parametrize("module", [align_video, align_audio, sft], ids=["stage1", "stage2", "stage3"])
+def test_abstract_batch_is_what_the_pipeline_yields(world, module):
+    """aot_check compiles for Task.abstract_batch: the same fields, shapes and dtypes as a real batch."""
+    config = _config(module, world, **({"data.max_audio_seconds": 1.0} if module is not align_video else {}))
+    task = stages.task_for(config)
+    local = next(task.train_data(0, 1))
+    width = local["token_ids"].shape[1] if "token_ids" in local else None
+    abstract = task.abstract_batch(config.data.batch_size, width)
+    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in abstract.items()} == {
+        k: (v.shape, v.dtype) for k, v in local.items()}
+
+
 @pytest.mark.parametrize("train_encoders", [False, True])
 def test_stage3_trains_only_adapters_projections_and_bridge_layers(world, train_encoders):
     config = _config(sft, world, **{"model.lora.rank": 8, "model.train_encoders": train_encoders})

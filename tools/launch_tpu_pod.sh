@@ -25,7 +25,7 @@ case "$action" in
     tar -C "$here" --exclude=.venv --exclude=.git --exclude=demo_out -czf /tmp/xemogpt-jax.tgz .
     gcloud compute tpus tpu-vm scp /tmp/xemogpt-jax.tgz "$tpu":/tmp/ --zone="$zone" "${project_flag[@]}" --worker=all
     ssh_all "mkdir -p $repo_dir && tar -C $repo_dir -xzf /tmp/xemogpt-jax.tgz && cd $repo_dir && \
-      python3 -m venv .venv && .venv/bin/pip install -q -e '.[media]' && .venv/bin/pip install -q 'jax[tpu]==0.10.2'"
+      python3 -m venv .venv && .venv/bin/pip install -q -e '.[media,tpu]'"
     ;;
   train)
     [[ $# -ge 2 ]] || usage

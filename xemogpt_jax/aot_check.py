@@ -1,150 +1,439 @@
-"""Compile a stage's train step ahead of time on fake CPU devices, without allocating any weight.
+"""Compile a stage's train step ahead of time for fake CPU devices or a TPU topology, allocating no weight.
 
-``xemogpt-aot --config configs/sft.py --mesh 2,4`` (or ``python tools/aot_check.py ...``) builds the
-paper-scale stage-3 train state abstractly (``nnx.eval_shape``), gives every leaf the sharding of the (data, fsdp,
-tensor) mesh, lowers and compiles the jitted step for ShapeDtypeStruct inputs, and prints XLA's
-per-device memory estimate and FLOPs. It answers "does this fit, and how is it laid out" before
-a single accelerator hour is spent. ``--mesh`` takes 2 or 3 entries (tensor defaults to 1).
+``xemogpt-aot --config configs/sft.py --target tpu:v5e:4x4 --mesh 1,16,1`` (or ``python tools/aot_check.py
+...``) builds the stage's train state abstractly (``nnx.eval_shape``), gives every leaf the sharding of the
+(data, fsdp, tensor) mesh, takes the global batch's fields, shapes and dtypes from the stage's own collate
+(:attr:`xemogpt_jax.trainer.Task.abstract_batch`), lowers the jitted step for ShapeDtypeStruct inputs and
+compiles it with XLA's compiler for the target: ``cpu:N`` (N host CPU devices) or ``tpu:<topology>`` (the TPU
+compiler in libtpu, run on this host: no TPU needed). It prints, per device (per chip on TPU):
+
+- memory: arguments, outputs, temporaries and their peak, against the chip's HBM (:data:`CHIPS`);
+- cost: XLA's FLOPs and bytes, its estimated step time (``optimal_seconds``, TPU only) and the MFU that time
+  implies for our traced FLOPs (:func:`xemogpt_jax.metrics.traced_flops`) at the chip's bf16 peak.
+
+Every figure is a compiler estimate, not a measurement. XLA's cost analysis counts a loop body once, so a
+step whose LLM layers run under ``lax.scan`` would show one layer's cost: when the compiled step has a loop,
+its cost comes from a second compile with the layer scan unrolled (``model.unroll_layers``), while its memory
+comes from the step as configured. :func:`scan_free_cost` is that method (tests/test_aot_tpu.py checks it
+against a hand-computed roofline). ``--mesh`` takes 2 or 3 entries (tensor defaults to 1; default: the
+config's ``mesh.shape``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import math
+import os
+import re
 import sys
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 from xemogpt_jax import cli_checks
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_bytes: int
+    peak_bf16_flops: float  # dense bf16 matmul FLOP/s per chip
+    hbm_bytes_per_second: float
+
+
+# Per chip, from Google Cloud's TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p,
+# /v6e: "HBM capacity", "Peak compute per chip (bf16)", "HBM bandwidth").
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GIB, 275e12, 1228e9),
+    "v5e": Chip("TPU v5e", 16 * GIB, 197e12, 819e9),
+    "v5p": Chip("TPU v5p", 95 * GIB, 459e12, 2765e9),
+    "v6e": Chip("TPU v6e", 32 * GIB, 918e12, 1640e9),
+}
+# Topologies that libtpu 0.0.42 compiles for on a CPU host here (any "<chip>:<AxB[xC]>" it accepts works).
+KNOWN_TOPOLOGIES = ("v5e:2x2", "v5e:4x4", "v5p:2x2x2", "v6e:2x4", "v6e:4x4")
+INSTALL_TPU = "pip install -e '.[tpu]'"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    kind: str  # "cpu" | "tpu"
+    count: int = 0  # cpu
+    topology: str = ""  # tpu
+    chip: Chip | None = None
+
+    @property
+    def unit(self) -> str:
+        return "chip" if self.kind == "tpu" else "device"
+
+
+def parse_target(text: str) -> Target:
+    kind, _, rest = text.partition(":")
+    if kind == "cpu" and rest.isdigit() and int(rest) > 0:
+        return Target("cpu", count=int(rest))
+    if kind == "tpu" and rest:
+        generation = rest.split(":")[0]
+        if generation not in CHIPS:
+            raise cli_checks.UsageError(f"--target {text}: unknown TPU topology; known: {', '.join(KNOWN_TOPOLOGIES)} "
+                           f"(chips: {', '.join(CHIPS)})")
+        return Target("tpu", topology=rest, chip=CHIPS[generation])
+    raise cli_checks.UsageError(f"--target {text}: expected cpu:N or tpu:<topology> (known: {', '.join(KNOWN_TOPOLOGIES)})")
+
+
+def target_devices(target: Target) -> list[Any]:
+    """The target's devices: host CPUs, or a TPU topology's device descriptions (compile-only)."""
+    import jax
+
+    if target.kind == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", target.count)
+        return jax.devices()[: target.count]
+    if importlib.util.find_spec("libtpu") is None:
+        raise cli_checks.UsageError(f"--target tpu:{target.topology} needs libtpu, which is not installed: {INSTALL_TPU}")
+    # libtpu would otherwise ask a metadata server (absent off Cloud) for the host's TPU and workers.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    jax.config.update("jax_platforms", "cpu")
+    from jax.experimental import topologies
+
+    try:
+        with quiet_stderr():  # libtpu logs that it found no TPU on this host; the topology needs none
+            topology = topologies.get_topology_desc(platform="tpu", topology_name=target.topology)
+    except Exception as error:  # noqa: BLE001 - libtpu's errors are one RuntimeError type
+        if "not installed" in str(error):
+            raise cli_checks.UsageError(f"--target tpu:{target.topology}: JAX finds no TPU support: {INSTALL_TPU}") from None
+        reason = str(error).strip().splitlines()[0]
+        raise cli_checks.UsageError(f"--target tpu:{target.topology}: unknown TPU topology ({reason}); "
+                       f"known: {', '.join(KNOWN_TOPOLOGIES)}") from None
+    return list(topology.devices)
+
+
+class quiet_stderr:
+    """Send file descriptor 2 (where libtpu's C++ logs go) to /dev/null for a block."""
+
+    def __enter__(self) -> None:
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+
+    def __exit__(self, *exc: Any) -> None:
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
+def make_mesh(target: Target, devices: list[Any], shape: tuple[int, ...]):
+    import jax
+
+    from xemogpt_jax import sharding
+
+    shape = sharding.resolve_mesh_shape(shape, len(devices))
+    if target.kind == "tpu":  # jax.make_mesh lays the axes along the topology's physical links
+        axis_types = (jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES)
+        return jax.make_mesh(shape, sharding.MESH_AXES, axis_types=axis_types, devices=devices)
+    return sharding.make_mesh(shape, devices)
+
+
+# ------------------------------------------------------------------ compile and read XLA's figures
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+
+    @property
+    def peak(self) -> int:
+        """Live at once: inputs, outputs not written over donated inputs, and temporaries."""
+        return self.arguments + self.outputs - self.aliased + self.temporaries
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    flops: float  # per device
+    bytes_accessed: float  # per device
+    seconds: float | None  # XLA's estimated run time (TPU's optimal_seconds; None where it gives none)
+    loops: int  # while loops in the compiled program (their bodies are counted once)
+
+    def roofline_seconds(self, chip: Chip) -> float:
+        """The roofline of XLA's counts: the slower of the chip's bf16 matmul peak and its HBM bandwidth."""
+        return max(self.flops / chip.peak_bf16_flops, self.bytes_accessed / chip.hbm_bytes_per_second)
+
+
+def memory_of(compiled: Any) -> Memory | None:
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return None
+    return Memory(memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.alias_size_in_bytes,
+                  memory.temp_size_in_bytes)
+
+
+def cost_of(compiled: Any) -> Cost:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    analysis = analysis or {}
+    seconds = analysis.get("optimal_seconds")
+    loops = len(re.findall(r"\bwhile\(", compiled.as_text()))
+    return Cost(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)),
+                float(seconds) if seconds is not None and seconds > 0 else None, loops)
+
+
+def compile_lowered(lower: Callable[[], Any], options: dict[str, Any] | None = None) -> Any:
+    """``lower().compile(options)``, with the TPU compiler's out-of-memory turned into one line."""
+    try:
+        return lower().compile(compiler_options=options or None)
+    except Exception as error:  # noqa: BLE001
+        text = str(error)
+        if "RESOURCE_EXHAUSTED" not in text:
+            raise
+        needed = re.search(r"\(([\d.]+)([GM])\) exceeds available HBM \(([\d.]+)([GM])\)", text)
+        if needed:
+            scale = {"G": 1.0, "M": 1 / 1024}
+            need, have = float(needed[1]) * scale[needed[2]], float(needed[3]) * scale[needed[4]]
+            amount = f"needs {need:.2f} GiB per chip, {have:.2f} GiB available ({need - have:.2f} GiB over)"
+        else:
+            amount = text.strip().splitlines()[0]
+        raise cli_checks.UsageError(f"does not fit: {amount}; {REMEDIES}") from None
+
+
+REMEDIES = ("try more fsdp (--mesh 1,N,1), a larger topology, a smaller --batch-size or --seq-len, "
+            "or model.remat")
+
+
+# Unroll the loops the TPU SPMD partitioner makes of an all-gather or reduce-scatter around a matmul
+# ("windowed einsum", e.g. under fsdp): the same algorithm, with every iteration visible to the cost analysis.
+UNROLL_PARTITIONER_LOOPS = {"xla_tpu_spmd_unroll_windowed_einsum": "true"}
+
+
+def scan_free_cost(compile_step: Callable[[bool], Any], scanned: Any | None = None) -> tuple[Cost, bool]:
+    """The cost of a step whose layers may run under ``lax.scan``, each layer counted.
+
+    ``compile_step(unrolled)`` compiles the step as configured (False) or with its loops unrolled (True: the
+    layer scan, and on TPU the partitioner's windowed-einsum loops). XLA's cost analysis counts a while
+    loop's body once whatever its trip count, so where the compiled step has a loop its cost comes from the
+    unrolled compile. Returns (cost, whether the unrolled step was used).
+    """
+    compiled = scanned if scanned is not None else compile_step(False)
+    cost = cost_of(compiled)
+    if not cost.loops:
+        return cost, False
+    return cost_of(compile_step(True)), True
+
+
+# ------------------------------------------------------------------ the stage's step
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/sft.py", help="stage config file, optionally with :variant")
-    parser.add_argument("--mesh", default="2,4", help="data,fsdp[,tensor]")
-    parser.add_argument("--seq-len", type=int, default=None, help="sequence bucket (default: max_context)")
+    parser.add_argument("--target", default=None,
+                        help="cpu:N (N host CPU devices; default N = the mesh's size, else 8) or tpu:<topology> "
+                             f"(e.g. {', '.join(KNOWN_TOPOLOGIES)})")
+    parser.add_argument("--mesh", default=None, help="data,fsdp[,tensor] (one entry may be -1; default: the config's)")
+    parser.add_argument("--seq-len", type=int, default=None, help="stage 3: positions (default: data.max_context)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: the config's)")
     parser.add_argument("--audio-seconds", type=float, default=None, help="audio input length (default: the config's)")
+    parser.add_argument("--unrolled-cost", action=argparse.BooleanOptionalAction, default=True,
+                        help="where the step has loops, compile it again unrolled for the cost figures (default)")
     return parser.parse_args(argv)
 
 
-def abstract_batch(config, model_config, batch: int, length: int, audio_samples: int, mesh):
+def mesh_shape_of(args: argparse.Namespace, config: Any) -> tuple[int, ...]:
+    text = args.mesh or ",".join(str(s) for s in config.mesh.shape)
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise cli_checks.UsageError(f"--mesh {text}: expected 2 or 3 integers, e.g. 2,4 or 1,16,1") from None
+    if len(shape) not in (2, 3):
+        raise cli_checks.UsageError(f"--mesh {text}: expected 2 or 3 entries (data, fsdp[, tensor])")
+    return shape + (1,) * (3 - len(shape))
+
+
+def default_target(shape: tuple[int, ...]) -> str:
+    return f"cpu:{math.prod(shape)}" if -1 not in shape else "cpu:8"
+
+
+@dataclasses.dataclass
+class Step:
+    jitted: Any
+    trained: Any
+    frozen: Any
+    batch: dict[str, Any]
+    total_params: int
+    trainable_params: int
+    trained_values: int
+
+    def lower(self) -> Any:
+        return self.jitted.lower(self.trained, self.frozen, self.batch)
+
+
+def build_step(config: Any, mesh: Any, batch_size: int, seq_len: int | None) -> Step:
+    """The stage's jitted train step and its abstract, sharded inputs (as ``trainer.run`` builds them)."""
     import jax
-    import jax.numpy as jnp
-
-    from xemogpt_jax import sharding
-
-    size = model_config.vision.image_size
-    shapes = {
-        "token_ids": ((batch, length), jnp.int32),
-        "kind": ((batch, length), jnp.int32),
-        "feature_index": ((batch, length), jnp.int32),
-        "labels": ((batch, length), jnp.int32),
-        "attention_mask": ((batch, length), jnp.int32),
-        "positions": ((batch, length), jnp.int32),
-        "pixel_values": ((batch, model_config.num_frames, size, size, 3), jnp.float32),
-        "input_values": ((batch, audio_samples), jnp.float32),
-        "audio_mask": ((batch, audio_samples), jnp.int32),
-    }
-    return {
-        name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-        for name, (shape, dtype) in shapes.items()
-    }
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:9.3f} GiB"
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """A loadable stage-3 config and a usable mesh, before JAX is configured."""
-    problems = cli_checks.Problems()
-    config = problems.config("--config", args.config)
-    if config is not None and config.get("stage") != "sft":
-        problems.add("--config", f"{args.config} is stage {config.get('stage')!r}; aot_check compiles the stage-3 "
-                                 "(sft) step")
-    mesh = args.mesh.split(",")
-    if not (2 <= len(mesh) <= 3 and all(s.isdigit() and int(s) > 0 for s in mesh)):
-        problems.add("--mesh", f"{args.mesh!r}: expected 2 or 3 positive sizes, data,fsdp[,tensor]")
-    problems.raise_if_any()
-
-
-@cli_checks.command
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    check_args(args)
-    mesh_shape = tuple(int(s) for s in args.mesh.split(","))
-    mesh_shape = mesh_shape + (1,) * (3 - len(mesh_shape))
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", math.prod(mesh_shape))
     from flax import nnx
 
-    from xemogpt_jax import config_files, metrics, optim, run_config, sharding, stages, trainer
-    from xemogpt_jax.models.xemogpt import XEmoGPT
+    from xemogpt_jax import optim, sharding, stages, trainer
 
-    config = config_files.load(args.config)
-    tokenizer = SimpleNamespace(eos_token_id=1, pad_token_id=0)  # only ids are read; no tokenizer files needed
-    model_config = run_config.xemogpt_config(config, tokenizer)
-    trainable = stages.sft_trainable(config)
+    # Only token ids are read (model config, pad values); no tokenizer files are needed to compile.
+    task = stages.task_for(config, SimpleNamespace(eos_token_id=1, pad_token_id=0))
     tx = optim.make_optimizer(config.optim, config.train.steps)
-    mesh = sharding.make_mesh(mesh_shape)
 
     def factory() -> trainer.TrainState:
-        return trainer.TrainState(XEmoGPT(model_config, rngs=nnx.Rngs(0)), tx, trainable, config.seed)
+        return trainer.TrainState(task.build_model(nnx.Rngs(config.seed)), tx, task.trainable, config.seed)
 
     abstract = nnx.eval_shape(factory)
-    graphdef, frozen, trained = nnx.split(abstract, trainer.frozen_filter(trainable), ...)
+    graphdef, frozen, trained = nnx.split(abstract, trainer.frozen_filter(task.trainable), ...)
 
-    def with_shardings(state):
-        def place(variable):
+    def with_shardings(state: Any) -> Any:
+        def place(variable: Any) -> Any:
             value = variable.get_value()
             placed = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding.variable_sharding(variable, mesh))
             return variable.replace(placed)
 
         return jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
-    frozen_in, trained_in = with_shardings(frozen), with_shardings(trained)
-    step = trainer.make_train_step(
-        graphdef, stages.sft_loss, trainable, frozen, trained, mesh,
-        optim.learning_rate_at_step(config.optim, config.train.steps),
-    )
-    batch_size = args.batch_size or config.data.batch_size
-    length = args.seq_len or config.data.max_context
-    seconds = args.audio_seconds or config.data.max_audio_seconds
-    batch = abstract_batch(config, model_config, batch_size, length, int(seconds * 16_000), mesh)
-
+    step = trainer.make_train_step(graphdef, task.loss, task.trainable, frozen, trained, mesh,
+                                   optim.learning_rate_at_step(config.optim, config.train.steps))
+    batch = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding.batch_sharding(mesh, len(spec.shape)))
+             for name, spec in task.abstract_batch(batch_size, seq_len).items()}
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-    print(f"config {args.config}: mesh (data, fsdp, tensor) = {mesh_shape}, batch {batch_size} x {length} tokens, "
-          f"{seconds:g} s audio, compute dtype {config.dtype}")
-    print(f"parameters: {count(nnx.state(abstract.model, nnx.Param)) / 1e9:.3f} B total, "
-          f"{count(nnx.state(abstract.model, trainable)) / 1e6:.1f} M trainable; "
-          f"optimizer + trained state {count(trained) / 1e6:.1f} M values")
+    return Step(step, with_shardings(trained), with_shardings(frozen), batch,
+                count(nnx.state(abstract.model, nnx.Param)), count(nnx.state(abstract.model, task.trainable)),
+                count(trained))
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:9.3f} GiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    from xemogpt_jax import config_files
+
+    try:
+        config = config_files.load(args.config)
+    except (FileNotFoundError, ValueError) as error:
+        raise cli_checks.UsageError(str(error)) from None
+    shape = mesh_shape_of(args, config)
+    target = parse_target(args.target or default_target(shape))
+    if args.audio_seconds is not None:
+        if "max_audio_seconds" not in config.data:
+            raise cli_checks.UsageError(f"--audio-seconds: stage {config.stage} takes no audio")
+        config.data.max_audio_seconds = args.audio_seconds
+    devices = target_devices(target)
+
+    import jax
+
+    from xemogpt_jax import metrics, sharding
+
+    try:
+        shape = sharding.resolve_mesh_shape(shape, len(devices))
+    except ValueError as error:
+        raise cli_checks.UsageError(f"{error} on --target {args.target or default_target(shape)}") from None
+    mesh = make_mesh(target, devices, shape)
+    batch_size = args.batch_size or config.data.batch_size
+    batch_shards = shape[0] * shape[1]
+    if batch_size % batch_shards:
+        raise cli_checks.UsageError(f"global batch {batch_size} does not divide over data x fsdp = {batch_shards} devices; "
+                       f"try --batch-size {batch_shards * max(1, batch_size // batch_shards)}")
+    step = build_step(config, mesh, batch_size, args.seq_len)
+    where = f"tpu:{target.topology} ({len(devices)} x {target.chip.name})" if target.chip else f"cpu:{len(devices)}"
+    lengths = ", ".join(f"{name} {tuple(spec.shape)}" for name, spec in step.batch.items())
+    print(f"config {args.config} (stage {config.stage}): target {where}, mesh (data, fsdp, tensor) = {shape}, "
+          f"global batch {batch_size}, compute dtype {config.dtype}")
+    print(f"batch (from the stage's collate): {lengths}")
+    print(f"parameters: {step.total_params / 1e9:.3f} B total, {step.trainable_params / 1e6:.1f} M trainable; "
+          f"optimizer + trained state {step.trained_values / 1e6:.1f} M values")
+
+    can_unroll = "model" in config and "unroll_layers" in config.model and not config.model.unroll_layers
+
+    def compile_step(unrolled: bool) -> Any:
+        if not unrolled:
+            with jax.set_mesh(mesh):
+                return compile_lowered(step.lower)
+        other = step
+        if can_unroll:
+            unrolled_config = config.copy_and_resolve_references()
+            unrolled_config.model.unroll_layers = True
+            other = build_step(unrolled_config, mesh, batch_size, args.seq_len)
+        options = UNROLL_PARTITIONER_LOOPS if target.kind == "tpu" else {}
+        with jax.set_mesh(mesh):
+            return compile_lowered(lambda: other.lower(), options)
+
     start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        lowered = step.lower(trained_in, frozen_in, batch)
-        compiled = lowered.compile()
-    print(f"lowered and compiled in {time.perf_counter() - start:.1f} s")
-    memory = compiled.memory_analysis()
+    compiled = compile_step(False)
+    seconds = time.perf_counter() - start
+    print(f"lowered and compiled in {seconds:.1f} s", flush=True)
+    unit = target.unit
+    memory = memory_of(compiled)
     if memory is None:
         print("this backend gives no memory analysis")
-        return 0
-    arguments = memory.argument_size_in_bytes
-    outputs = memory.output_size_in_bytes
-    aliased = memory.alias_size_in_bytes
-    temps = memory.temp_size_in_bytes
-    print("per-device memory (XLA estimate):")
-    print(f"  arguments (state + batch) {gib(arguments)}")
-    print(f"  outputs                   {gib(outputs)}  ({gib(aliased).strip()} aliased to donated inputs)")
-    print(f"  temporaries               {gib(temps)}")
-    print(f"  peak ~ args + outputs - aliased + temps = {gib(arguments + outputs - aliased + temps).strip()}")
+    else:
+        print(f"per-{unit} memory (compiler estimate):")
+        print(f"  arguments (state + batch) {gib(memory.arguments)}")
+        print(f"  outputs                   {gib(memory.outputs)}  ({gib(memory.aliased).strip()} aliased to donated inputs)")
+        print(f"  temporaries               {gib(memory.temporaries)}")
+        line = f"  peak ~ args + outputs - aliased + temps = {gib(memory.peak).strip()}"
+        if target.chip:
+            line += f" = {100 * memory.peak / target.chip.hbm_bytes:.1f}% of the {target.chip.hbm_bytes / GIB:g} GiB HBM"
+        print(line)
+
+    start = time.perf_counter()
+    as_configured = cost_of(compiled)
+    if as_configured.loops and args.unrolled_cost:
+        seconds_text = f"{as_configured.seconds * 1e3:.3f} ms" if as_configured.seconds else "none"
+        print(f"the step as configured has {as_configured.loops} loop(s); XLA's counts with each body once: "
+              f"{as_configured.flops / 1e12:.4g} TFLOP per {unit}, step time {seconds_text}; compiling it unrolled",
+              flush=True)
+    if args.unrolled_cost:
+        cost, unrolled = scan_free_cost(compile_step, compiled)
+    else:
+        cost, unrolled = cost_of(compiled), False
+    if unrolled:
+        print(f"cost from the step compiled again with its loops unrolled ({time.perf_counter() - start:.1f} s): "
+              "XLA counts a loop body once")
+        if cost.loops:
+            print(f"note: {cost.loops} loop(s) remain; XLA counts their bodies once, so the cost figures are low")
+    elif cost.loops:
+        print(f"note: the step has {cost.loops} loop(s) whose bodies XLA counts once; cost figures are low "
+              "(--unrolled-cost counts every iteration)")
     with jax.set_mesh(mesh):
-        flops = metrics.traced_flops(step, trained_in, frozen_in, batch)
-    devices = math.prod(mesh_shape)
-    print(f"step FLOPs (matmuls and convolutions, every layer counted): {flops / 1e12:.1f} TFLOP, "
-          f"{flops / devices / 1e12:.1f} TFLOP per device")
+        flops = metrics.traced_flops(step.jitted, step.trained, step.frozen, step.batch)
+    n = len(devices)
+    print(f"step FLOPs (matmuls and convolutions, every layer counted): {flops / 1e12:.4g} TFLOP, "
+          f"{flops / n / 1e12:.4g} TFLOP per {unit}")
+    print(f"per-{unit} cost (compiler estimate): {cost.flops / 1e12:.4g} TFLOP (all ops), "
+          f"{cost.bytes_accessed / GIB:.4g} GiB accessed")
+    if target.chip is None:
+        print("step time: this backend gives no estimate (the TPU compiler does: --target tpu:<topology>)")
+    else:
+        if cost.seconds is not None:
+            seconds, how = cost.seconds, "XLA's optimal_seconds"
+        else:  # the TPU cost model answers -1 for some programs (seen with fsdp > 1)
+            seconds = cost.roofline_seconds(target.chip)
+            how = (f"XLA gives none for this program; roofline of its counts: {target.chip.peak_bf16_flops / 1e12:g} "
+                   f"TFLOP/s, {target.chip.hbm_bytes_per_second / 1e9:g} GB/s")
+        mfu = metrics.mfu(flops, seconds, target.chip.peak_bf16_flops, n)
+        print(f"step time (compiler estimate): {seconds * 1e3:.3f} ms ({how})")
+        print(f"MFU (compiler estimate): {100 * mfu:.1f}% = {flops / n / 1e12:.4f} TFLOP per chip / "
+              f"{seconds * 1e3:.3f} ms / {target.chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16 peak")
+    if memory is not None and target.chip and memory.peak > target.chip.hbm_bytes:
+        over = (memory.peak - target.chip.hbm_bytes) / GIB
+        raise cli_checks.UsageError(f"does not fit: peak {memory.peak / GIB:.2f} GiB per chip is {over:.2f} GiB over the "
+                       f"{target.chip.hbm_bytes / GIB:g} GiB HBM of a {target.chip.name}; {REMEDIES}")
     return 0
+
+
+@cli_checks.command
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -110,14 +110,15 @@ def _trained_paths(config: ml_collections.ConfigDict, always: tuple[str, ...], e
     return [nnx.PathContains(name) for name in names]
 
 
-def align_video_task(config: ml_collections.ConfigDict) -> Task:
+def align_video_task(config: ml_collections.ConfigDict, tokenizer: Any = None) -> Task:
     clip_config = CLIPConfig.from_hf(run_config.architecture(config, "clip"))
     vecb_config = bridges.VECBConfig(
         encoder=clip_config.vision, num_layers=config.model.bridge_layers, num_frames=config.model.num_frames,
         align_dim=config.model.align_dim, text_dim=clip_config.projection_dim,
     )
     dtype = parse_dtype(config.dtype)
-    tokenizer = load_text_tokenizer(config.init_from.tokenizer or config.init_from.clip)
+    if tokenizer is None:
+        tokenizer = load_text_tokenizer(config.init_from.tokenizer or config.init_from.clip)
     frame_size = clip_config.vision.image_size
 
     def data(records_dir: str, batch_size: int, shuffle: bool):
@@ -139,6 +140,10 @@ def align_video_task(config: ml_collections.ConfigDict) -> Task:
         train_data=data(config.data.train_dir, config.data.batch_size, True),
         eval_data=data(config.data.eval_dir, config.data.eval_batch_size, False) if config.data.eval_dir else None,
         load_pretrained=load_pretrained,
+        abstract_batch=lambda batch_size, length=None: pipelines.batch_shapes(
+            pipelines.stage1_collate(tokenizer.pad_token_id, frame_size=frame_size,
+                                     text_max_length=config.data.max_text_tokens),
+            {"frames": None, "text": np.zeros(1, np.int32)}, batch_size),
     )
 
 
@@ -181,7 +186,7 @@ def audio_align_loss(loss_config: ml_collections.ConfigDict, train_encoders: boo
     return loss_fn
 
 
-def align_audio_task(config: ml_collections.ConfigDict) -> Task:
+def align_audio_task(config: ml_collections.ConfigDict, tokenizer: Any = None) -> Task:
     dtype = parse_dtype(config.dtype)
     hubert_config = HubertConfig.from_hf(run_config.architecture(config, "hubert"), dtype=dtype)
     text_folder = config.init_from.text_encoder
@@ -190,7 +195,8 @@ def align_audio_task(config: ml_collections.ConfigDict) -> Task:
         encoder=hubert_config, num_layers=config.model.bridge_layers, align_dim=config.model.align_dim,
         text_dim=run_config.sentence_width(config),
     )
-    tokenizer = load_text_tokenizer(config.init_from.tokenizer or text_folder)
+    if tokenizer is None:
+        tokenizer = load_text_tokenizer(config.init_from.tokenizer or text_folder)
     max_samples = int(config.data.max_audio_seconds * 16_000)
 
     def data(records_dir: str, batch_size: int, shuffle: bool):
@@ -218,6 +224,10 @@ def align_audio_task(config: ml_collections.ConfigDict) -> Task:
         train_data=data(config.data.train_dir, config.data.batch_size, True),
         eval_data=data(config.data.eval_dir, config.data.eval_batch_size, False) if config.data.eval_dir else None,
         load_pretrained=load_pretrained,
+        abstract_batch=lambda batch_size, length=None: pipelines.batch_shapes(
+            pipelines.stage2_collate(tokenizer.pad_token_id, max_audio_samples=max_samples,
+                                     text_max_length=config.data.max_text_tokens),
+            {"audio": None, "text": np.zeros(1, np.int32)}, batch_size),
     )
 
 
@@ -256,8 +266,9 @@ def sft_loss(model: XEmoGPT, batch: dict, key: jax.Array) -> tuple[jax.Array, di
     return loss, {"target_tokens": jnp.sum(batch["labels"] != prompt.IGNORE_INDEX)}
 
 
-def sft_task(config: ml_collections.ConfigDict) -> Task:
-    tokenizer = qwen3_params.load_tokenizer(config.init_from.tokenizer or config.init_from.llm)
+def sft_task(config: ml_collections.ConfigDict, tokenizer: Any = None) -> Task:
+    if tokenizer is None:
+        tokenizer = qwen3_params.load_tokenizer(config.init_from.tokenizer or config.init_from.llm)
     model_config = run_config.xemogpt_config(config, tokenizer)
     max_samples = model_config.max_audio_samples
 
@@ -272,6 +283,15 @@ def sft_task(config: ml_collections.ConfigDict) -> Task:
             ))
         return make
 
+    def abstract_batch(batch_size: int, length: int | None = None) -> dict[str, Any]:
+        length = length or config.data.max_context
+        placeholder = prompt.Sample(token_ids=np.zeros(length, np.int32), kind=np.zeros(length, np.int8),
+                                    feature_index=np.zeros(length, np.int32), labels=np.zeros(length, np.int32),
+                                    condition_length=0)
+        collate = pipelines.stage3_collate(tokenizer.pad_token_id, buckets=tuple(config.data.length_buckets),
+                                           frame_size=model_config.vision.image_size, max_audio_samples=max_samples)
+        return pipelines.batch_shapes(collate, {"sample": placeholder, "frames": None, "audio": None}, batch_size)
+
     def load_pretrained(model: XEmoGPT, mesh: Mesh) -> None:
         loading.fill_init_from(model, config.init_from, mesh)
 
@@ -284,13 +304,16 @@ def sft_task(config: ml_collections.ConfigDict) -> Task:
         load_pretrained=load_pretrained,
         tokens=lambda batch: int(np.sum(batch["attention_mask"])),
         pad_values=pipelines.stage3_pad_values(tokenizer.pad_token_id),
+        abstract_batch=abstract_batch,
     )
 
 
 TASKS = {"align_video": align_video_task, "align_audio": align_audio_task, "sft": sft_task}
 
 
-def task_for(config: ml_collections.ConfigDict) -> Task:
+def task_for(config: ml_collections.ConfigDict, tokenizer: Any = None) -> Task:
+    """The stage's task; ``tokenizer`` (default: loaded from ``init_from``) may be a stand-in that has only the
+    token ids the model reads (``eos_token_id``, ``pad_token_id``) where no data is read (``aot_check``)."""
     if config.stage not in TASKS:
         raise ValueError(f"unknown stage {config.stage!r}; known: {sorted(TASKS)}")
-    return TASKS[config.stage](config)
+    return TASKS[config.stage](config, tokenizer)

@@ -57,6 +57,9 @@ class Task:
     (numpy arrays, leading axis = global batch / process count); ``eval_data`` likewise, restarted
     for every evaluation. ``tokens(batch)`` counts the tokens of a local batch for tokens/s;
     ``pad_values`` names bucketed fields whose width all processes must agree on.
+    ``abstract_batch(global_batch_size, length=None)`` is a global batch as ``jax.ShapeDtypeStruct``s, laid
+    out by the same collate as ``train_data`` (``length``: stage 3's positions, default ``data.max_context``,
+    rounded up to its bucket), for ahead-of-time compilation (:mod:`xemogpt_jax.aot_check`).
     """
 
     build_model: Callable[[nnx.Rngs], nnx.Module]
@@ -67,6 +70,7 @@ class Task:
     load_pretrained: Callable[[nnx.Module, Mesh], None] | None = None
     tokens: Callable[[Batch], int] = lambda batch: int(next(iter(batch.values())).shape[0])
     pad_values: Mapping[str, int | str] | None = None
+    abstract_batch: Callable[..., dict[str, Any]] | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
