@@ -220,7 +220,8 @@ def stage3_dataset(records_dir: str | Path, tokenizer: Any, config: LoaderConfig
                    frame_size: int, max_audio_samples: int, audio_tokens_for: Callable[[int], int],
                    instruction: str = prompt.INFERENCE_INSTRUCTION,
                    buckets: Sequence[int] = prompt.DEFAULT_BUCKETS, max_context: int = prompt.MAX_CONTEXT,
-                   truncate: str = "tail", audio_config: AudioPreprocessConfig = AudioPreprocessConfig()) -> grain.IterDataset:
+                   truncate: str = "tail",
+                   audio_config: AudioPreprocessConfig = AudioPreprocessConfig()) -> grain.IterDataset:
     """Instruction samples laid out by ``prompt.build_sample`` and padded to length buckets by ``prompt.collate``.
 
     ``audio_tokens_for(num_samples)`` is the audio encoder's frame count (e.g. ``HubertConfig.conv_output_length``):

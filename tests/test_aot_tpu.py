@@ -133,7 +133,8 @@ def test_an_unknown_topology_lists_the_known_ones(capsys):
 
 def test_a_missing_libtpu_says_how_to_install_it(capsys, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(aot_check.importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    monkeypatch.setattr(aot_check.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else real(name, *a))
     line = one_line_error(["--config", "configs/sft.py:tiny", "--target", "tpu:v5e:2x2"], capsys)
     assert "pip install -e '.[tpu]'" in line
 

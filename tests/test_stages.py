@@ -84,7 +84,8 @@ def test_video_bridge_on_8_devices_keeps_each_sample_its_own_attention(devices):
     with jax.set_mesh(mesh):
         sharded = sharding.shard_model(vecb, mesh)
         split_features = jax.device_put(frames, jax.NamedSharding(mesh, jax.P(None, None, "tensor")))
-        got = jax.jit(lambda model, x: model(x), out_shardings=jax.NamedSharding(mesh, jax.P()))(sharded, split_features)
+        replicated = jax.NamedSharding(mesh, jax.P())
+        got = jax.jit(lambda model, x: model(x), out_shardings=replicated)(sharded, split_features)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
 
 

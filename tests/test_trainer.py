@@ -71,7 +71,8 @@ def test_checkpoint_restores_onto_other_meshes_and_training_continues(tmp_path, 
     written = toy.load_final(config, tmp_path)
     for mesh in (sharding.make_mesh((8, 1, 1)), sharding.make_mesh((1, 1, 1), devices=devices[:1])):
         engine = _engine(config, mesh)
-        ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", every_steps=2, keep=2, keep_best=False, async_save=False)
+        ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", every_steps=2, keep=2, keep_best=False,
+                                       async_save=False)
         step, restored, data_state = ckpt.restore(None, trainer.abstract_trained(engine))
         ckpt.close()
         trainer.restore_into(engine, restored)

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from xemogpt_jax import cli_checks
+from xemogpt_jax.cli_checks import UsageError, command
 
 GIB = 2**30
 
@@ -78,10 +78,10 @@ def parse_target(text: str) -> Target:
     if kind == "tpu" and rest:
         generation = rest.split(":")[0]
         if generation not in CHIPS:
-            raise cli_checks.UsageError(f"--target {text}: unknown TPU topology; known: {', '.join(KNOWN_TOPOLOGIES)} "
+            raise UsageError(f"--target {text}: unknown TPU topology; known: {', '.join(KNOWN_TOPOLOGIES)} "
                            f"(chips: {', '.join(CHIPS)})")
         return Target("tpu", topology=rest, chip=CHIPS[generation])
-    raise cli_checks.UsageError(f"--target {text}: expected cpu:N or tpu:<topology> (known: {', '.join(KNOWN_TOPOLOGIES)})")
+    raise UsageError(f"--target {text}: expected cpu:N or tpu:<topology> (known: {', '.join(KNOWN_TOPOLOGIES)})")
 
 
 def target_devices(target: Target) -> list[Any]:
@@ -93,7 +93,7 @@ def target_devices(target: Target) -> list[Any]:
         jax.config.update("jax_num_cpu_devices", target.count)
         return jax.devices()[: target.count]
     if importlib.util.find_spec("libtpu") is None:
-        raise cli_checks.UsageError(f"--target tpu:{target.topology} needs libtpu, which is not installed: {INSTALL_TPU}")
+        raise UsageError(f"--target tpu:{target.topology} needs libtpu, which is not installed: {INSTALL_TPU}")
     # libtpu would otherwise ask a metadata server (absent off Cloud) for the host's TPU and workers.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -105,9 +105,9 @@ def target_devices(target: Target) -> list[Any]:
             topology = topologies.get_topology_desc(platform="tpu", topology_name=target.topology)
     except Exception as error:  # noqa: BLE001 - libtpu's errors are one RuntimeError type
         if "not installed" in str(error):
-            raise cli_checks.UsageError(f"--target tpu:{target.topology}: JAX finds no TPU support: {INSTALL_TPU}") from None
+            raise UsageError(f"--target tpu:{target.topology}: JAX finds no TPU support: {INSTALL_TPU}") from None
         reason = str(error).strip().splitlines()[0]
-        raise cli_checks.UsageError(f"--target tpu:{target.topology}: unknown TPU topology ({reason}); "
+        raise UsageError(f"--target tpu:{target.topology}: unknown TPU topology ({reason}); "
                        f"known: {', '.join(KNOWN_TOPOLOGIES)}") from None
     return list(topology.devices)
 
@@ -201,7 +201,7 @@ def compile_lowered(lower: Callable[[], Any], options: dict[str, Any] | None = N
             amount = f"needs {need:.2f} GiB per chip, {have:.2f} GiB available ({need - have:.2f} GiB over)"
         else:
             amount = text.strip().splitlines()[0]
-        raise cli_checks.UsageError(f"does not fit: {amount}; {REMEDIES}") from None
+        raise UsageError(f"does not fit: {amount}; {REMEDIES}") from None
 
 
 REMEDIES = ("try more fsdp (--mesh 1,N,1), a larger topology, a smaller --batch-size or --seq-len, "
@@ -251,9 +251,9 @@ def mesh_shape_of(args: argparse.Namespace, config: Any) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise cli_checks.UsageError(f"--mesh {text}: expected 2 or 3 integers, e.g. 2,4 or 1,16,1") from None
+        raise UsageError(f"--mesh {text}: expected 2 or 3 integers, e.g. 2,4 or 1,16,1") from None
     if len(shape) not in (2, 3):
-        raise cli_checks.UsageError(f"--mesh {text}: expected 2 or 3 entries (data, fsdp[, tensor])")
+        raise UsageError(f"--mesh {text}: expected 2 or 3 entries (data, fsdp[, tensor])")
     return shape + (1,) * (3 - len(shape))
 
 
@@ -304,7 +304,9 @@ def build_step(config: Any, mesh: Any, batch_size: int, seq_len: int | None) -> 
                                    optim.learning_rate_at_step(config.optim, config.train.steps))
     batch = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding.batch_sharding(mesh, len(spec.shape)))
              for name, spec in task.abstract_batch(batch_size, seq_len).items()}
-    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    def count(tree: Any) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
     return Step(step, with_shardings(trained), with_shardings(frozen), batch,
                 count(nnx.state(abstract.model, nnx.Param)), count(nnx.state(abstract.model, task.trainable)),
                 count(trained))
@@ -320,12 +322,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_files.load(args.config)
     except (FileNotFoundError, ValueError) as error:
-        raise cli_checks.UsageError(str(error)) from None
+        raise UsageError(str(error)) from None
     shape = mesh_shape_of(args, config)
     target = parse_target(args.target or default_target(shape))
     if args.audio_seconds is not None:
         if "max_audio_seconds" not in config.data:
-            raise cli_checks.UsageError(f"--audio-seconds: stage {config.stage} takes no audio")
+            raise UsageError(f"--audio-seconds: stage {config.stage} takes no audio")
         config.data.max_audio_seconds = args.audio_seconds
     devices = target_devices(target)
 
@@ -336,12 +338,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         shape = sharding.resolve_mesh_shape(shape, len(devices))
     except ValueError as error:
-        raise cli_checks.UsageError(f"{error} on --target {args.target or default_target(shape)}") from None
+        raise UsageError(f"{error} on --target {args.target or default_target(shape)}") from None
     mesh = make_mesh(target, devices, shape)
     batch_size = args.batch_size or config.data.batch_size
     batch_shards = shape[0] * shape[1]
     if batch_size % batch_shards:
-        raise cli_checks.UsageError(f"global batch {batch_size} does not divide over data x fsdp = {batch_shards} devices; "
+        raise UsageError(f"global batch {batch_size} does not divide over data x fsdp = {batch_shards} devices; "
                        f"try --batch-size {batch_shards * max(1, batch_size // batch_shards)}")
     step = build_step(config, mesh, batch_size, args.seq_len)
     where = f"tpu:{target.topology} ({len(devices)} x {target.chip.name})" if target.chip else f"cpu:{len(devices)}"
@@ -378,11 +380,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"per-{unit} memory (compiler estimate):")
         print(f"  arguments (state + batch) {gib(memory.arguments)}")
-        print(f"  outputs                   {gib(memory.outputs)}  ({gib(memory.aliased).strip()} aliased to donated inputs)")
+        aliased = gib(memory.aliased).strip()
+        print(f"  outputs                   {gib(memory.outputs)}  ({aliased} aliased to donated inputs)")
         print(f"  temporaries               {gib(memory.temporaries)}")
         line = f"  peak ~ args + outputs - aliased + temps = {gib(memory.peak).strip()}"
         if target.chip:
-            line += f" = {100 * memory.peak / target.chip.hbm_bytes:.1f}% of the {target.chip.hbm_bytes / GIB:g} GiB HBM"
+            hbm = target.chip.hbm_bytes
+            line += f" = {100 * memory.peak / hbm:.1f}% of the {hbm / GIB:g} GiB HBM"
         print(line)
 
     start = time.perf_counter()
@@ -426,12 +430,12 @@ def run(args: argparse.Namespace) -> int:
               f"{seconds * 1e3:.3f} ms / {target.chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16 peak")
     if memory is not None and target.chip and memory.peak > target.chip.hbm_bytes:
         over = (memory.peak - target.chip.hbm_bytes) / GIB
-        raise cli_checks.UsageError(f"does not fit: peak {memory.peak / GIB:.2f} GiB per chip is {over:.2f} GiB over the "
+        raise UsageError(f"does not fit: peak {memory.peak / GIB:.2f} GiB per chip is {over:.2f} GiB over the "
                        f"{target.chip.hbm_bytes / GIB:g} GiB HBM of a {target.chip.name}; {REMEDIES}")
     return 0
 
 
-@cli_checks.command
+@command
 def main(argv: list[str] | None = None) -> int:
     return run(parse_args(argv))
 

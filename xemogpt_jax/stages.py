@@ -94,7 +94,8 @@ def video_align_loss(loss_config: ml_collections.ConfigDict, train_encoders: boo
         shuffle_key, mask_key = jax.random.split(key)
         order = losses.shuffled_frame_order(shuffle_key, batch_size, frames)
         shuffled = model.vecb.video_embedding(model.vecb(cls, frame_order=order))
-        ftd = losses.frame_temporal_discrimination(model.vecb.temporal_logit(video), model.vecb.temporal_logit(shuffled))
+        temporal = model.vecb.temporal_logit
+        ftd = losses.frame_temporal_discrimination(temporal(video), temporal(shuffled))
         mask = losses.sample_frame_mask(mask_key, (batch_size, frames), loss_config.mask_ratio)
         target = jax.lax.stop_gradient(cls)  # a trained tower must not collapse its features to ease MFM
         mfm = losses.masked_frame_modeling(model.vecb.reconstruct(model.vecb(cls, masked_frames=mask)), target, mask)
@@ -134,7 +135,8 @@ def align_video_task(config: ml_collections.ConfigDict, tokenizer: Any = None) -
             loading.fill_from_hf(model.clip, config.init_from.clip, clip_params.key_map, mesh)
 
     return Task(
-        build_model=lambda rngs: VideoAlignModel(clip_config, vecb_config, config.loss.tau_init, rngs=rngs, dtype=dtype),
+        build_model=lambda rngs: VideoAlignModel(clip_config, vecb_config, config.loss.tau_init, rngs=rngs,
+                                                 dtype=dtype),
         trainable=nnx.All(nnx.Param, nnx.Any(*_trained_paths(config, ("vecb", LOGIT_SCALE), ("clip",)))),
         loss=video_align_loss(config.loss, config.model.get("train_encoders", False)),
         train_data=data(config.data.train_dir, config.data.batch_size, True),

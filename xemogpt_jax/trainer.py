@@ -235,7 +235,8 @@ def evaluate(engine: Engine, batches: Iterator[Batch], num_batches: int, pad_val
     losses = []
     with jax.set_mesh(engine.mesh):
         for _, local in zip(range(num_batches), batches):
-            losses.append(float(engine.eval_fn(engine.trained, engine.frozen, global_batch(local, engine.mesh, pad_values))))
+            batch = global_batch(local, engine.mesh, pad_values)
+            losses.append(float(engine.eval_fn(engine.trained, engine.frozen, batch)))
     return float(np.mean(losses)) if losses else math.nan
 
 
@@ -245,7 +246,9 @@ def step_flops(engine: Engine, batch: Batch, config: ml_collections.ConfigDict, 
         return metrics_lib.traced_flops(engine.step_fn, engine.trained, engine.frozen, batch)
     if config.perf.flops_from != "params":
         raise ValueError(f"perf.flops_from must be 'traced' or 'params', got {config.perf.flops_from!r}")
-    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    def count(tree: Any) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
     total = count(nnx.state(engine.model(), nnx.Param))
     trained_params = count(nnx.state(engine.model(), engine.trainable))
     return metrics_lib.step_flops_from_params(total, trained_params, tokens)
@@ -257,7 +260,9 @@ def log_directory(workdir: Any) -> Path:
     return Path(text) if "://" not in text else Path("logs") / text.rstrip("/").rsplit("/", 1)[-1]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, task: Task, mesh: Mesh | None = None) -> dict[str, float]:
+def run(
+    config: ml_collections.ConfigDict, workdir: str | Path, task: Task, mesh: Mesh | None = None
+) -> dict[str, float]:
     """Train ``task`` to ``config.train.steps``, resuming from ``workdir`` if it holds a checkpoint.
 
     The mesh comes from ``config.mesh.shape`` over all devices unless ``mesh`` is given.
