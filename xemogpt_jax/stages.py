@@ -187,7 +187,9 @@ def align_audio_task(config: ml_collections.ConfigDict) -> Task:
         HubertConfig.from_hf(run_config.architecture(config, "hubert"), dtype=dtype), config
     )
     text_folder = config.init_from.text_encoder
-    bert_config = run_config.with_runtime_options(BertConfig.from_hf(run_config.architecture(config, "text_encoder")), config)
+    bert_config = run_config.with_runtime_options(
+        BertConfig.from_hf(run_config.architecture(config, "text_encoder")), config
+    )
     aecb_config = bridges.AECBConfig(
         encoder=hubert_config, num_layers=config.model.bridge_layers, align_dim=config.model.align_dim,
         text_dim=run_config.sentence_width(config),

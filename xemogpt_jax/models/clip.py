@@ -19,7 +19,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xemogpt_jax.models.attention import AttentionConfig
-from xemogpt_jax.models.layers import call_layer, DType, Embed, LayerNorm, Linear, SelfAttention, activation, default_init, param
+from xemogpt_jax.models.layers import (
+    DType,
+    Embed,
+    LayerNorm,
+    Linear,
+    SelfAttention,
+    activation,
+    call_layer,
+    default_init,
+    param,
+)
 from xemogpt_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", "length", "embed")
@@ -124,7 +134,9 @@ class CLIPEncoderLayer(nnx.Module):
         self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
     ):
         kwargs = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.self_attn = SelfAttention(config.hidden_size, config.num_attention_heads, attention=config.attention, **kwargs)
+        self.self_attn = SelfAttention(
+            config.hidden_size, config.num_attention_heads, attention=config.attention, **kwargs
+        )
         self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=param_dtype)
         self.mlp = CLIPMLP(config, **kwargs)
         self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=param_dtype)

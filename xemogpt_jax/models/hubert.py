@@ -21,12 +21,12 @@ from flax import nnx
 
 from xemogpt_jax.models.attention import AttentionConfig
 from xemogpt_jax.models.layers import (
-    call_layer,
     DType,
     LayerNorm,
     Linear,
     SelfAttention,
     activation,
+    call_layer,
     default_init,
     key_mask_bias,
     param,
@@ -34,6 +34,10 @@ from xemogpt_jax.models.layers import (
 from xemogpt_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", "length", None)
+
+
+# HubertConfig fields that from_hf / to_hf do not map one to one onto HF config.json keys
+RUNTIME_FIELDS = frozenset({"has_masked_spec_embed", "dtype", "param_dtype", "attention", "remat"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +81,14 @@ class HubertConfig:
             raise ValueError("conv_pos_batch_norm=True (HuBERT with batch-normed positional conv) is not supported")
         if hf.get("adapter_attn_dim") is not None:
             raise ValueError("attention adapters (adapter_attn_dim) are not supported")
-        names = {f.name for f in dataclasses.fields(cls)} - {"has_masked_spec_embed", "dtype", "param_dtype", "attention", "remat"}
+        names = {f.name for f in dataclasses.fields(cls)} - RUNTIME_FIELDS
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in names}
         kwargs["has_masked_spec_embed"] = hf.get("mask_time_prob", 0.05) > 0 or hf.get("mask_feature_prob", 0.0) > 0
         return cls(**{**kwargs, **overrides})
 
     def to_hf(self) -> dict[str, Any]:
         """The HF ``config.json`` fields this config determines (inverse of :meth:`from_hf`)."""
-        skip = {"has_masked_spec_embed", "dtype", "param_dtype", "attention", "remat"}
+        skip = RUNTIME_FIELDS
         hf = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if k not in skip}
         hf.update(model_type="hubert", architectures=["HubertModel"], num_feat_extract_layers=len(self.conv_dim))
         if not self.has_masked_spec_embed:

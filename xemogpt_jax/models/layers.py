@@ -199,7 +199,8 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, attention_bias: jax.Array | None = None) -> jax.Array:
         heads = (*x.shape[:-1], self.num_heads, self.head_dim)
-        q, k, v = (checkpoint_name(proj(x), QKV_PROJ).reshape(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = (checkpoint_name(proj(x), QKV_PROJ).reshape(heads) for proj in projections)
         if self.attention.resolved() != "blocked":
             mask = None if attention_bias is None else attention_bias > 0.5 * jnp.finfo(jnp.float32).min
             key_mask = None if mask is None else mask[:, 0, -1, :]

@@ -19,12 +19,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from xemogpt_jax.models import lora as lora_lib
 from xemogpt_jax.models.attention import AttentionConfig, attention, dot_product_attention
-from jax.ad_checkpoint import checkpoint_name
-
-from xemogpt_jax.models.layers import QKV_PROJ, DType, Embed, Linear, RMSNorm, activation, default_init, remat_name, remat_policy
+from xemogpt_jax.models.layers import (
+    QKV_PROJ,
+    DType,
+    Embed,
+    Linear,
+    RMSNorm,
+    activation,
+    default_init,
+    remat_name,
+    remat_policy,
+)
 from xemogpt_jax.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
