@@ -25,6 +25,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.init_from.tokenizer = ""  # caption tokenizer folder ("" = the text encoder folder's)
 
     c.model = ml_collections.ConfigDict()
+    common.runtime_options(c.model)
     # presets of models/presets.py (or HF fields); init_from folders' config.json wins
     c.model.hubert = "tiny" if variant == "tiny" else "hubert-large"
     c.model.text_encoder = "tiny" if variant == "tiny" else "labse"

@@ -23,6 +23,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.init_from.tokenizer = ""  # tokenizer folder for the captions ("" = the CLIP folder's)
 
     c.model = ml_collections.ConfigDict()
+    common.runtime_options(c.model)
     c.model.clip = "tiny" if variant == "tiny" else "clip-vit-l14"  # a preset of models/presets.py, or HF fields
     c.model.num_frames = 16
     c.model.bridge_layers = 2

@@ -76,6 +76,18 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     return c
 
 
+def runtime_options(model: ml_collections.ConfigDict) -> None:
+    """``model.*`` fields that pick kernels and remat, not the architecture (every stage)."""
+    # One switch for the LLM and every encoder and bridge: auto | blocked | xla | splash | cudnn
+    # (auto: splash on TPU, cudnn on GPU, blocked on CPU).
+    model.attention = "auto"
+    model.splash_block_q = 512  # splash query / key blocks (multiples of 128; shorter sequences use one block)
+    model.splash_block_kv = 512
+    # Remat of each CLIP / HuBERT tower layer and bridge layer: none | full | dots_saveable |
+    # dots_with_no_batch_dims_saveable | save_qkv_proj (or a jax.checkpoint_policies name).
+    model.remat_towers = "none"
+
+
 def tiny_overrides(c: ml_collections.ConfigDict) -> None:
     """Run-level settings sized for a 2-core CPU."""
     c.dtype = "float32"

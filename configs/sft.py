@@ -30,6 +30,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.init_from.tokenizer = ""  # "" = the LLM folder's tokenizer
 
     c.model = ml_collections.ConfigDict()
+    common.runtime_options(c.model)
     # presets of models/presets.py (or HF fields); init_from folders' config.json wins
     video, audio = align_video.get_config(variant).model, align_audio.get_config(variant).model
     c.model.llm = "tiny" if variant == "tiny" else "qwen3-4b"
@@ -40,7 +41,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.num_frames = 16
     # Width of the bridges' stage 1-2 heads (unused here; it must match the checkpoints of init_from.*_bridge).
     c.model.align_dim = video.align_dim  # one width for both bridges' heads
-    c.model.remat = True  # rematerialise LLM layers in the backward pass
+    c.model.remat = "full"  # LLM layers in the backward pass: the choices of model.remat_towers (configs/common.py)
     c.model.unroll_layers = False  # True unrolls the LLM layer scan: faster at a few layers, slower to compile
     c.model.lora = ml_collections.ConfigDict(
         dict(rank=512, alpha=512.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))
@@ -61,7 +62,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.steps = 5_000  # [reconstructed]
     if variant == "tiny":
         common.tiny_overrides(c)
-        c.model.remat = False
+        c.model.remat = "none"
         # The tiny LLM is random-init (no pretrained base to adapt), so it is fully fine-tuned: rank -1.
         c.model.lora = ml_collections.ConfigDict(
             dict(rank=-1, alpha=16.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj")))

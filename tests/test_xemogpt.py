@@ -4,6 +4,8 @@ The reference builds each sample the way the release does (text pieces, per-samp
 concatenation, HF's own shifted-label loss), so it shares none of our layout or splicing code.
 """
 
+import dataclasses
+import logging
 import math
 
 import jax
@@ -19,6 +21,7 @@ from configs import sft
 from tests.xemogpt_fixtures import build_filled
 from xemogpt_jax import prompt, run_config, sharding
 from xemogpt_jax.models import lora, presets
+from xemogpt_jax.models.attention import AttentionConfig
 from xemogpt_jax.models.clip import CLIPVisionConfig
 from xemogpt_jax.models.hubert import HubertConfig
 from xemogpt_jax.models.qwen3 import Qwen3Config
@@ -152,15 +155,33 @@ def forward(model, inputs, media):
     return model(**inputs, **media)
 
 
-def test_loss_matches_pytorch_composition(setup):
+def with_attention(model: XEmoGPT, impl: str) -> XEmoGPT:
+    """The same weights in a model whose LLM, towers and bridges all run attention backend ``impl``."""
+    attention = AttentionConfig(impl)
+    c = model.config
+    config = dataclasses.replace(
+        c, vision=dataclasses.replace(c.vision, attention=attention),
+        hubert=dataclasses.replace(c.hubert, attention=attention), llm=c.llm.replace(attention=attention),
+    )
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: XEmoGPT(config, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.state(model))
+
+
+@pytest.mark.parametrize("impl", ["auto", "blocked", "xla"])
+def test_loss_matches_pytorch_composition(setup, impl, caplog):
+    """Every CPU attention backend (auto = blocked here) gives the PyTorch reference's loss and logits."""
+    caplog.set_level(logging.INFO, logger="xemogpt_jax.models.attention")
     s = setup
     assert [len(x) for x in s["samples"]] == s["lengths"]
     assert s["inputs"]["token_ids"].shape[1] == 384
     media = dict(frames=s["frames"], audio=s["audio"], audio_mask=s["audio_mask"])
-    loss, logits = forward(s["model"], s["inputs"], media)
+    model = s["model"] if impl == "auto" else with_attention(s["model"], impl)
+    loss, logits = forward(model, s["inputs"], media)
     np.testing.assert_allclose(float(loss), s["want_loss"], atol=1e-4, rtol=0)
     for row, n in enumerate(s["lengths"]):
         np.testing.assert_allclose(np.asarray(logits)[row, :n], s["want_logits"][row, :n], atol=2e-4, rtol=0)
+    if impl == "xla":  # the LLM and the encoders/bridges said which backend they traced
+        assert {"attention: llm runs xla", "attention: encoder runs xla"} <= {r.getMessage() for r in caplog.records}
 
 
 @nnx.jit

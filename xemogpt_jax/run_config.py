@@ -13,6 +13,7 @@ The bridges' text heads take their widths from the encoders they sit on (:func:`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,8 +21,10 @@ import ml_collections
 
 from xemogpt_jax import checkpoint, prompt
 from xemogpt_jax.models import bridges, hf_io, presets, sentence_encoder
+from xemogpt_jax.models.attention import AttentionConfig
 from xemogpt_jax.models.clip import CLIPConfig, CLIPVisionConfig
 from xemogpt_jax.models.hubert import HubertConfig
+from xemogpt_jax.models.layers import remat_name
 from xemogpt_jax.models.lora import LoraConfig
 from xemogpt_jax.models.qwen3 import Qwen3Config, parse_dtype
 from xemogpt_jax.models.xemogpt import XEmoGPTConfig
@@ -93,6 +96,27 @@ def text_widths(run: RunConfig) -> dict[str, int]:
     return dict(video_text_dim=int(video), audio_text_dim=int(audio))
 
 
+def attention_config(run: RunConfig) -> AttentionConfig:
+    """``model.attention`` and the splash block sizes; configs stored before the switch read ``auto``."""
+    model = as_dict(run).get("model", {})
+    return AttentionConfig(
+        impl=str(model.get("attention", "auto")),
+        block_q=int(model.get("splash_block_q", AttentionConfig.block_q)),
+        block_kv=int(model.get("splash_block_kv", AttentionConfig.block_kv)),
+    )
+
+
+def with_runtime_options(config: Any, run: RunConfig) -> Any:
+    """An encoder config (CLIP, HuBERT, BERT; both CLIP towers) with the run's attention and tower remat."""
+    if isinstance(config, CLIPConfig):
+        return dataclasses.replace(
+            config, text=with_runtime_options(config.text, run), vision=with_runtime_options(config.vision, run)
+        )
+    names = {f.name for f in dataclasses.fields(config)}
+    options = dict(attention=attention_config(run), remat=remat_name(as_dict(run).get("model", {}).get("remat_towers")))
+    return dataclasses.replace(config, **{k: v for k, v in options.items() if k in names})
+
+
 def lora_settings(run: RunConfig) -> dict[str, Any] | None:
     """``model.lora`` as plain values; ``None`` when the run adapts no LoRA (rank 0 frozen, < 0 full fine-tuning)."""
     lora = as_dict(run).get("model", {}).get("lora")
@@ -128,7 +152,7 @@ def xemogpt_config(run: RunConfig, tokenizer: Any = None) -> XEmoGPTConfig:
     dtype = parse_dtype(run.get("dtype", "float32"))
     model, data = run.get("model", {}), run.get("data", {})
     llm = Qwen3Config.from_hf(
-        architecture(run, "llm"), dtype=dtype, remat=bool(model.get("remat", False)),
+        architecture(run, "llm"), dtype=dtype, remat=model.get("remat", False), attention=attention_config(run),
         unroll_layers=bool(model.get("unroll_layers", False)), lora=lora_config(run),
     )
     if tokenizer is not None:
@@ -139,8 +163,8 @@ def xemogpt_config(run: RunConfig, tokenizer: Any = None) -> XEmoGPTConfig:
     clip = architecture(run, "clip")
     bridge = bridge_settings(run)
     return XEmoGPTConfig(
-        vision=CLIPVisionConfig.from_hf(clip.get("vision_config") or clip),
-        hubert=HubertConfig.from_hf(architecture(run, "hubert"), dtype=dtype),
+        vision=with_runtime_options(CLIPVisionConfig.from_hf(clip.get("vision_config") or clip), run),
+        hubert=with_runtime_options(HubertConfig.from_hf(architecture(run, "hubert"), dtype=dtype), run),
         llm=llm,
         vecb_layers=bridge["bridge_layers"],
         aecb_layers=bridge["bridge_layers"],

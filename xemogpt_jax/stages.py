@@ -112,7 +112,7 @@ def _trained_paths(config: ml_collections.ConfigDict, always: tuple[str, ...], e
 
 
 def align_video_task(config: ml_collections.ConfigDict, tokenizer: Any = None) -> Task:
-    clip_config = CLIPConfig.from_hf(run_config.architecture(config, "clip"))
+    clip_config = run_config.with_runtime_options(CLIPConfig.from_hf(run_config.architecture(config, "clip")), config)
     vecb_config = bridges.VECBConfig(
         encoder=clip_config.vision, num_layers=config.model.bridge_layers, num_frames=config.model.num_frames,
         align_dim=config.model.align_dim, text_dim=clip_config.projection_dim,
@@ -190,9 +190,13 @@ def audio_align_loss(loss_config: ml_collections.ConfigDict, train_encoders: boo
 
 def align_audio_task(config: ml_collections.ConfigDict, tokenizer: Any = None) -> Task:
     dtype = parse_dtype(config.dtype)
-    hubert_config = HubertConfig.from_hf(run_config.architecture(config, "hubert"), dtype=dtype)
+    hubert_config = run_config.with_runtime_options(
+        HubertConfig.from_hf(run_config.architecture(config, "hubert"), dtype=dtype), config
+    )
     text_folder = config.init_from.text_encoder
-    bert_config = BertConfig.from_hf(run_config.architecture(config, "text_encoder"))
+    bert_config = run_config.with_runtime_options(
+        BertConfig.from_hf(run_config.architecture(config, "text_encoder")), config
+    )
     aecb_config = bridges.AECBConfig(
         encoder=hubert_config, num_layers=config.model.bridge_layers, align_dim=config.model.align_dim,
         text_dim=run_config.sentence_width(config),

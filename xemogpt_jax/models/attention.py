@@ -15,7 +15,10 @@ block, in causal mode).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -131,3 +134,207 @@ def _attention_bwd(scale, causal, residuals, out_grad):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# The one attention switch (``model.attention``) for the LLM and every encoder and bridge.
+
+BACKENDS = ("auto", "blocked", "xla", "splash", "cudnn")
+_LANES = 128  # splash blocks are multiples of this on TPU; shorter sequences use one block of this size
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Which attention runs, and the splash block sizes.
+
+    ``impl``: ``auto`` (``splash`` on TPU, ``cudnn`` on GPU, ``blocked`` on CPU), ``blocked`` (this
+    module's kernel for the LLM, the fp32 einsum of :class:`layers.SelfAttention` for the encoders:
+    today's code, bit for bit), ``xla`` (``jax.nn.dot_product_attention(implementation=None)``),
+    ``splash`` (the Pallas TPU kernel) or ``cudnn`` (``jax.nn.dot_product_attention(implementation=
+    "cudnn")``; an error where cuDNN cannot run it, never a fallback). ``interpret`` runs splash in
+    Pallas interpret mode (tests on CPU).
+    """
+
+    impl: str = "auto"
+    block_q: int = 512
+    block_kv: int = 512
+    interpret: bool = False
+
+    def __post_init__(self):
+        if self.impl not in BACKENDS:
+            raise ValueError(f"model.attention={self.impl!r}; expected one of {BACKENDS}")
+        if self.block_q <= 0 or self.block_kv <= 0:
+            raise ValueError(f"splash block sizes must be positive, got {self.block_q}, {self.block_kv}")
+
+    def resolved(self) -> str:
+        """The backend that runs on the default platform."""
+        if self.impl != "auto":
+            return self.impl
+        return {"tpu": "splash", "gpu": "cudnn"}.get(jax.default_backend(), "blocked")
+
+
+def _log_choice(impl: str, where: str) -> None:
+    # at trace time: once per compiled program, not per step
+    logging.getLogger(__name__).info("attention: %s runs %s", where, impl)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    config: AttentionConfig,
+    causal: bool = False,
+    key_mask: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    where: str = "attention",
+) -> jax.Array:
+    """The non-``blocked`` backends: q ``[B, T, N, D]``, k/v ``[B, S, K, D]`` (``N`` a multiple of ``K``).
+
+    The visible keys of query ``t`` are ``key_mask [B, S]`` (all when ``None``), and with ``causal``
+    only those at or before ``t`` (``S == T``). ``mask [B, 1, T, S]``, when given, is the same set
+    spelled out, for the XLA/cuDNN paths (splash builds it from ``key_mask`` and ``causal``).
+    """
+    impl = config.resolved()
+    _log_choice(impl, where)
+    if impl == "splash":
+        return splash_attention(q, k, v, scale=scale, causal=causal, key_mask=key_mask, config=config)
+    if impl in ("xla", "cudnn"):
+        if mask is None:
+            mask = _dense_mask(key_mask, causal, q.shape[1], k.shape[1])
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=scale, implementation=None if impl == "xla" else "cudnn"
+        )
+    raise ValueError(f"dot_product_attention does not run {impl!r} (the blocked paths are the callers' own)")
+
+
+def _dense_mask(key_mask, causal, queries, keys):
+    if key_mask is None and not causal:
+        return None
+    allowed = jnp.ones((1, 1, queries, keys), bool)
+    if causal:
+        allowed = allowed & (jnp.arange(keys)[None, :] <= jnp.arange(queries)[:, None])[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask.astype(bool)[:, None, None, :]
+    return allowed
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    causal: bool,
+    key_mask: jax.Array | None,
+    config: AttentionConfig,
+) -> jax.Array:
+    """Splash attention (Pallas, TPU) over ``[B, T, N, D]`` queries and ``[B, S, K, D]`` keys/values.
+
+    Key padding is given to the kernel as segment ids (queries id 1; keys 1 when valid, 0 when
+    padding), so a packed batch later needs only other ids, no other kernel. Lengths are padded to
+    a multiple of the block sizes here (padded keys get id 0, padded query rows are dropped).
+    A query row that sees no key (every key padding, or in causal mode every key up to it) gives
+    **zeros** (and passes no gradient), where ``jax.nn.dot_product_attention`` gives the mean of
+    all values. Grouped-query heads run as one multi-query kernel per KV head. Under a mesh the
+    kernel runs in ``shard_map``: batch over the ``batch`` rule's axes, heads over ``tensor``
+    (each axis only where it divides the size).
+    """
+    b, t, n, d = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    if n % kv_heads:
+        raise ValueError(f"{n} query heads cannot share {kv_heads} KV heads evenly")
+    if causal and s != t:
+        raise ValueError(f"causal splash attention needs as many keys as queries, got {s} and {t}")
+    key_valid = jnp.ones((b, s), bool) if key_mask is None else key_mask.astype(bool)
+    if causal:
+        sees_a_key = jnp.cumsum(key_valid, axis=1) > 0  # [B, T]: some valid key at or before t
+    else:
+        sees_a_key = jnp.broadcast_to(key_valid.any(axis=1, keepdims=True), (b, t))
+
+    block_q = min(config.block_q, _round_up(t, _LANES))
+    block_kv = min(config.block_kv, _round_up(s, _LANES))
+    if causal:  # one padded length for both, so the causal diagonal stays where it was
+        step = math.lcm(block_q, block_kv)
+        tp = sp = _round_up(t, step)
+    else:
+        tp, sp = _round_up(t, block_q), _round_up(s, block_kv)
+    q = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+    q_ids = jnp.ones((b, tp), jnp.int32)
+    kv_ids = jnp.pad(key_valid.astype(jnp.int32), ((0, 0), (0, sp - s)))
+
+    # [B, T, N, D] -> [B, K, G, T, D] and [B, S, K, D] -> [B, K, S, D]
+    q = q.reshape(b, tp, kv_heads, n // kv_heads, d).transpose(0, 2, 3, 1, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    group = n // kv_heads
+    blocks = _splash_blocks(block_q, block_kv)
+
+    def run(q, k, v, q_ids, kv_ids):
+        # ``make_splash_mqa`` is built inside the shard_map body: its mask info is per-shard static data
+        head_mask = _splash.CausalMask((tp, sp)) if causal else _splash.FullMask((tp, sp))
+        kernel = _splash.make_splash_mqa(
+            _splash.MultiHeadMask([head_mask] * group), block_sizes=blocks, head_shards=1, q_seq_shards=1,
+            interpret=config.interpret,
+        )
+        per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over KV heads
+        per_example = lambda q, k, v, qi, ki: per_head(q, k, v, _splash.SegmentIds(q=qi, kv=ki))  # noqa: E731
+        return jax.vmap(per_example)(q, k, v, q_ids, kv_ids)
+
+    out = _sharded(run, q, k, v, q_ids, kv_ids)  # [B, K, G, Tp, D]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, d)[:, :t]
+    return jnp.where(sees_a_key[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+class _SplashModules:
+    """The Pallas splash modules, imported on first use (the CPU path never loads Pallas)."""
+
+    def __getattr__(self, name):
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel, splash_attention_mask
+
+        for module in (splash_attention_kernel, splash_attention_mask):
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise AttributeError(name)
+
+
+_splash = _SplashModules()
+
+
+def _splash_blocks(block_q: int, block_kv: int):
+    return _splash.BlockSizes(
+        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+        block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q, block_kv_dq=block_kv,
+    )
+
+
+def _sharded(fn, q, k, v, q_ids, kv_ids):
+    """``fn`` under ``shard_map`` when a mesh is active: batch over the batch axes, KV heads over ``tensor``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(q, k, v, q_ids, kv_ids)
+    from jax.sharding import PartitionSpec as P
+
+    from xemogpt_jax.sharding import LOGICAL_AXIS_RULES
+
+    def fitting(axes, size):
+        axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if a in mesh.shape)
+        kept = []
+        for axis in axes:
+            if size % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]) == 0:
+                kept.append(axis)
+        return tuple(kept) or None
+
+    batch = fitting(LOGICAL_AXIS_RULES["batch"], q.shape[0])
+    heads = fitting("tensor", q.shape[1])
+    spec5, spec4, spec2 = P(batch, heads, None, None, None), P(batch, heads, None, None), P(batch, None)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(spec5, spec4, spec4, spec2, spec2), out_specs=spec5, check_vma=False
+    )(q, k, v, q_ids, kv_ids)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xemogpt_jax.models.attention import AttentionConfig
 from xemogpt_jax.models.layers import DType, Embed, LayerNorm, Linear, SelfAttention, activation, key_mask_bias
 from xemogpt_jax.sharding import constrain
 
@@ -30,6 +31,7 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    attention: AttentionConfig = AttentionConfig()  # run-time option, not part of the HF architecture
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> BertConfig:
@@ -73,7 +75,9 @@ class BertLayer(nnx.Module):
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype: DType = None):
         d, f = config.hidden_size, config.intermediate_size
-        self.attention = SelfAttention(config.hidden_size, config.num_attention_heads, rngs=rngs, dtype=dtype)
+        self.attention = SelfAttention(
+            config.hidden_size, config.num_attention_heads, rngs=rngs, dtype=dtype, attention=config.attention
+        )
         self.attention_norm = LayerNorm(d, eps=config.layer_norm_eps)
         self.intermediate = Linear(d, f, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.output = Linear(f, d, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)

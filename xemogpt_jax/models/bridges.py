@@ -20,7 +20,7 @@ from flax import nnx
 
 from xemogpt_jax.models.clip import HIDDEN_AXES, CLIPEncoderConfig, CLIPEncoderLayer
 from xemogpt_jax.models.hubert import HubertConfig, HubertEncoderLayer
-from xemogpt_jax.models.layers import DType, Linear, default_init, key_mask_bias, param
+from xemogpt_jax.models.layers import DType, Linear, call_layer, default_init, key_mask_bias, param
 from xemogpt_jax.sharding import constrain
 
 ALIGN_DIM = 768  # width of the bridge-pretraining embedding space (both sides of the contrastive losses)
@@ -121,7 +121,7 @@ class VECB(nnx.Module):
         # (data, fsdp) = (0, 1) and (1, 0) swapped; tools/xla_repro_swapped_residual.py shows it in plain JAX).
         x = constrain(frames + self.position_embedding[...].astype(frames.dtype), HIDDEN_AXES)
         for layer in self.visual_alignment_layer:
-            x = layer(x)
+            x = call_layer(layer, self.config.encoder.remat, x)
         return x
 
     def video_embedding(self, hidden: jax.Array) -> jax.Array:
@@ -163,7 +163,7 @@ class AECB(nnx.Module):
         x = constrain(jnp.where(valid, hidden, jnp.zeros((), hidden.dtype)), HIDDEN_AXES)
         bias = key_mask_bias(frame_mask.astype(bool))
         for layer in self.audio_alignment_layer:
-            x = layer(x, bias)
+            x = call_layer(layer, self.config.encoder.remat, x, bias)
         return jnp.where(valid, x, jnp.zeros((), x.dtype))
 
     def audio_embedding(self, hidden: jax.Array, frame_mask: jax.Array) -> jax.Array:

@@ -18,7 +18,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xemogpt_jax.models.layers import DType, Embed, LayerNorm, Linear, SelfAttention, activation, default_init, param
+from xemogpt_jax.models.attention import AttentionConfig
+from xemogpt_jax.models.layers import (
+    DType,
+    Embed,
+    LayerNorm,
+    Linear,
+    SelfAttention,
+    activation,
+    call_layer,
+    default_init,
+    param,
+)
 from xemogpt_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", "length", "embed")
@@ -39,6 +50,8 @@ class CLIPEncoderConfig:
     num_attention_heads: int = 12
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    attention: AttentionConfig = AttentionConfig()  # run-time option, not part of the HF architecture
+    remat: str = "none"  # run-time option: layers.REMAT_CHOICES, per encoder layer
 
     @property
     def head_dim(self) -> int:
@@ -121,7 +134,9 @@ class CLIPEncoderLayer(nnx.Module):
         self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
     ):
         kwargs = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.self_attn = SelfAttention(config.hidden_size, config.num_attention_heads, **kwargs)
+        self.self_attn = SelfAttention(
+            config.hidden_size, config.num_attention_heads, attention=config.attention, **kwargs
+        )
         self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=param_dtype)
         self.mlp = CLIPMLP(config, **kwargs)
         self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=param_dtype)
@@ -142,10 +157,11 @@ class CLIPEncoder(nnx.Module):
             CLIPEncoderLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
             for _ in range(config.num_hidden_layers)
         )
+        self.remat = config.remat
 
     def __call__(self, x: jax.Array, attention_bias: jax.Array | None = None) -> jax.Array:
         for layer in self.layers:
-            x = layer(x, attention_bias)
+            x = call_layer(layer, self.remat, x, attention_bias)
         return x
 
 

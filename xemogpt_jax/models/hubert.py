@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xemogpt_jax.models.attention import AttentionConfig
 from xemogpt_jax.models.layers import (
     DType,
     LayerNorm,
     Linear,
     SelfAttention,
     activation,
+    call_layer,
     default_init,
     key_mask_bias,
     param,
@@ -32,6 +34,10 @@ from xemogpt_jax.models.layers import (
 from xemogpt_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", "length", None)
+
+
+# HubertConfig fields that from_hf / to_hf do not map one to one onto HF config.json keys
+RUNTIME_FIELDS = frozenset({"has_masked_spec_embed", "dtype", "param_dtype", "attention", "remat"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +63,8 @@ class HubertConfig:
     has_masked_spec_embed: bool = True
     dtype: DType = None
     param_dtype: DType = jnp.float32
+    attention: AttentionConfig = AttentionConfig()
+    remat: str = "none"  # layers.REMAT_CHOICES, per encoder layer
 
     def __post_init__(self) -> None:
         if not len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride):
@@ -73,14 +81,14 @@ class HubertConfig:
             raise ValueError("conv_pos_batch_norm=True (HuBERT with batch-normed positional conv) is not supported")
         if hf.get("adapter_attn_dim") is not None:
             raise ValueError("attention adapters (adapter_attn_dim) are not supported")
-        names = {f.name for f in dataclasses.fields(cls)} - {"has_masked_spec_embed", "dtype", "param_dtype"}
+        names = {f.name for f in dataclasses.fields(cls)} - RUNTIME_FIELDS
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in names}
         kwargs["has_masked_spec_embed"] = hf.get("mask_time_prob", 0.05) > 0 or hf.get("mask_feature_prob", 0.0) > 0
         return cls(**{**kwargs, **overrides})
 
     def to_hf(self) -> dict[str, Any]:
         """The HF ``config.json`` fields this config determines (inverse of :meth:`from_hf`)."""
-        skip = {"has_masked_spec_embed", "dtype", "param_dtype"}
+        skip = RUNTIME_FIELDS
         hf = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if k not in skip}
         hf.update(model_type="hubert", architectures=["HubertModel"], num_feat_extract_layers=len(self.conv_dim))
         if not self.has_masked_spec_embed:
@@ -113,7 +121,9 @@ class _EncoderLayerBase(nnx.Module):
     def __init__(self, config: HubertConfig, *, rngs: nnx.Rngs):
         norm = dict(eps=config.layer_norm_eps, param_dtype=config.param_dtype)
         dtypes = dict(dtype=config.dtype, param_dtype=config.param_dtype)
-        self.attention = SelfAttention(config.hidden_size, config.num_attention_heads, rngs=rngs, **dtypes)
+        self.attention = SelfAttention(
+            config.hidden_size, config.num_attention_heads, rngs=rngs, attention=config.attention, **dtypes
+        )
         self.layer_norm = LayerNorm(config.hidden_size, **norm)
         self.feed_forward = HubertFeedForward(config, rngs=rngs)
         self.final_layer_norm = LayerNorm(config.hidden_size, **norm)
@@ -274,6 +284,7 @@ class HubertEncoder(nnx.Module):
         self.layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=config.param_dtype)
         self.layers = nnx.List([layer_cls(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
         self.stable_layer_norm = config.do_stable_layer_norm
+        self.remat = config.remat
 
     def __call__(self, x: jax.Array, frame_mask: jax.Array | None) -> jax.Array:
         bias = None
@@ -284,7 +295,7 @@ class HubertEncoder(nnx.Module):
         if not self.stable_layer_norm:
             x = self.layer_norm(x)
         for layer in self.layers:
-            x = constrain(layer(x, bias), HIDDEN_AXES)
+            x = constrain(call_layer(layer, self.remat, x, bias), HIDDEN_AXES)
         return self.layer_norm(x) if self.stable_layer_norm else x
 
 

@@ -13,6 +13,9 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from xemogpt_jax.models.attention import AttentionConfig, dot_product_attention
 
 Initializer = Callable[..., jax.Array]
 DType = jnp.dtype | type | None
@@ -126,6 +129,45 @@ class Embed(nnx.Module):
         return matmul(x, self.embedding[...].astype(x.dtype).T)
 
 
+# ``model.remat`` / ``model.remat_towers``: what a rematerialised layer keeps for the backward pass.
+QKV_PROJ = "qkv_proj"  # the checkpoint name of the attention input projections (q, k, v)
+_REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(QKV_PROJ),
+    # the other argument-free jax.checkpoint_policies, by their own names
+    **{name: getattr(jax.checkpoint_policies, name) for name in (
+        "everything_saveable", "nothing_saveable", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims",
+    )},
+}
+REMAT_CHOICES = tuple(_REMAT_POLICIES)
+
+
+def remat_name(value: str | bool | None) -> str:
+    """A remat setting normalised: the old boolean reads True = ``full``, False/None = ``none``."""
+    if value is None or isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in _REMAT_POLICIES:
+        raise ValueError(f"remat={value!r}; expected one of {REMAT_CHOICES} (or a boolean)")
+    return value
+
+
+def remat_policy(value: str | bool | None) -> tuple[bool, Callable | None]:
+    """``(rematerialise?, jax.checkpoint policy)`` for a remat setting."""
+    name = remat_name(value)
+    return name != "none", _REMAT_POLICIES[name]
+
+
+def call_layer(layer: nnx.Module, remat: str | bool | None, *args: jax.Array) -> jax.Array:
+    """``layer(*args)``, rematerialised in the backward pass with the policy ``remat`` names."""
+    enabled, policy = remat_policy(remat)
+    if not enabled:
+        return layer(*args)
+    return nnx.remat(lambda module, *xs: module(*xs), policy=policy, prevent_cse=False)(layer, *args)
+
+
 def key_mask_bias(mask: jax.Array) -> jax.Array:
     """Additive attention bias ``[B, 1, 1, T]`` from a ``[B, T]`` valid-key mask (HF's min-value fill)."""
     return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
@@ -134,12 +176,17 @@ def key_mask_bias(mask: jax.Array) -> jax.Array:
 class SelfAttention(nnx.Module):
     """Bidirectional multi-head self-attention, the one used by the CLIP, HuBERT and BERT encoders.
 
-    Takes an additive bias broadcastable to ``[B, heads, Tq, Tk]``; scores and softmax run in fp32
-    whatever the compute dtype, as HF's eager attention does.
+    Takes an additive bias broadcastable to ``[B, heads, Tq, Tk]`` whose entries are 0 (attend) or
+    the fp32 minimum (mask), as :func:`key_mask_bias` and CLIP's ``causal_bias`` make. ``attention``
+    picks the backend (:class:`~xemogpt_jax.models.attention.AttentionConfig`); ``blocked`` (CPU's
+    ``auto``) is the einsum below, scores and softmax in fp32 whatever the compute dtype, as HF's eager
+    attention does. The other backends read the bias as a boolean mask; splash reads a ``[B, 1, 1, Tk]``
+    bias as key padding and a ``[B, 1, Tq, Tk]`` one as causal with key padding (its last row).
     """
 
     def __init__(
-        self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
+        self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32,
+        attention: AttentionConfig | None = None,
     ):
         kwargs = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Linear(width, width, axes=("embed", "heads"), **kwargs)
@@ -148,10 +195,22 @@ class SelfAttention(nnx.Module):
         self.out_proj = Linear(width, width, axes=("heads", "embed"), **kwargs)
         self.num_heads = num_heads
         self.head_dim = width // num_heads
+        self.attention = attention or AttentionConfig()
 
     def __call__(self, x: jax.Array, attention_bias: jax.Array | None = None) -> jax.Array:
         heads = (*x.shape[:-1], self.num_heads, self.head_dim)
-        q, k, v = (proj(x).reshape(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = (checkpoint_name(proj(x), QKV_PROJ).reshape(heads) for proj in projections)
+        if self.attention.resolved() != "blocked":
+            mask = None if attention_bias is None else attention_bias > 0.5 * jnp.finfo(jnp.float32).min
+            key_mask = None if mask is None else mask[:, 0, -1, :]
+            if key_mask is not None and key_mask.shape[0] != x.shape[0]:
+                key_mask = jnp.broadcast_to(key_mask, (x.shape[0], key_mask.shape[1]))
+            out = dot_product_attention(
+                q, k, v, scale=self.head_dim**-0.5, config=self.attention, mask=mask, key_mask=key_mask,
+                causal=mask is not None and mask.shape[-2] > 1, where="encoder",
+            )
+            return self.out_proj(out.reshape(*x.shape[:-1], -1))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.head_dim**-0.5
         if attention_bias is not None:
             scores = scores + attention_bias.astype(jnp.float32)

@@ -19,10 +19,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from xemogpt_jax.models import lora as lora_lib
-from xemogpt_jax.models.attention import attention
-from xemogpt_jax.models.layers import DType, Embed, Linear, RMSNorm, activation, default_init
+from xemogpt_jax.models.attention import AttentionConfig, attention, dot_product_attention
+from xemogpt_jax.models.layers import (
+    QKV_PROJ,
+    DType,
+    Embed,
+    Linear,
+    RMSNorm,
+    activation,
+    default_init,
+    remat_name,
+    remat_policy,
+)
 from xemogpt_jax.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -56,7 +67,8 @@ class Qwen3Config:
     # run-time options, not part of the HF architecture
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: str = "none"  # layers.REMAT_CHOICES; the old booleans read True = full, False = none
+    attention: AttentionConfig = AttentionConfig()
     # Unroll the layer scan: no stacked-buffer initialisation and slicing (11% of an 8-layer, 512-wide
     # stage-3 step on 2 CPU cores); compile time grows with the depth.
     unroll_layers: bool = False
@@ -124,6 +136,9 @@ class Qwen3Config:
         if is_qwen3:
             hf.update(head_dim=self.head_dim, attention_bias=self.attention_bias)
         return hf
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "remat", remat_name(self.remat))
 
     def replace(self, **changes: Any) -> Qwen3Config:
         return dataclasses.replace(self, **changes)
@@ -206,9 +221,12 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.config
         b, t, _ = x.shape
-        q = self.q_proj(x, dropout_key=_dropout_key(dropout_key, 0)).reshape(b, t, c.num_attention_heads, c.head_dim)
-        k = self.k_proj(x, dropout_key=_dropout_key(dropout_key, 1)).reshape(b, t, c.num_key_value_heads, c.head_dim)
-        v = self.v_proj(x, dropout_key=_dropout_key(dropout_key, 2)).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        q = checkpoint_name(self.q_proj(x, dropout_key=_dropout_key(dropout_key, 0)), QKV_PROJ)
+        k = checkpoint_name(self.k_proj(x, dropout_key=_dropout_key(dropout_key, 1)), QKV_PROJ)
+        v = checkpoint_name(self.v_proj(x, dropout_key=_dropout_key(dropout_key, 2)), QKV_PROJ)
+        q = q.reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -220,7 +238,19 @@ class Attention(nnx.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
             updated = (cache_k, cache_v)
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-        out = attention(q, k, v, attend, c.head_dim**-0.5, causal=kv_slots is None)
+        impl = c.attention.resolved()
+        if impl == "blocked":
+            out = attention(q, k, v, attend, c.head_dim**-0.5, causal=kv_slots is None)
+        elif kv_slots is None:  # training / a cache-less forward: causal over the row's valid keys
+            out = dot_product_attention(
+                q, k, v, scale=c.head_dim**-0.5, config=c.attention, causal=True,
+                key_mask=attend[:, 0, -1, :], mask=attend, where="llm",
+            )
+        else:  # decoding against a cache (T queries, S slots): splash has no such kernel, XLA's runs it
+            decode = dataclasses.replace(c.attention, impl="xla") if impl == "splash" else c.attention
+            out = dot_product_attention(
+                q, k, v, scale=c.head_dim**-0.5, config=decode, mask=attend, where="llm decode"
+            )
         out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
         return self.o_proj(out, dropout_key=_dropout_key(dropout_key, 3)), updated
 
@@ -368,8 +398,9 @@ class Qwen3ForCausalLM(nnx.Module):
             h, updated = layer(h, cos, sin, attend, kv_slots, key)
             return h, updated
 
-        if c.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+        remat, policy = remat_policy(c.remat)
+        if remat:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         kv_xs = None if cache is None else (cache.k, cache.v)
         x, updated = jax.lax.scan(body, x, (layer_state, kv_xs, layer_keys), unroll=c.unroll_layers)
         x = self.norm(x)
