@@ -36,8 +36,8 @@ from typing import Any
 
 import grain
 import jax
-from absl import flags
 import numpy as np
+from absl import flags
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 

@@ -57,7 +57,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_pipelines import schema

@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from xemogpt_jax.testing.byte_tokenizer import byte_tokenizer
 
 from configs import sft
 from xemogpt_jax import checkpoint as checkpoint_lib
 from xemogpt_jax import run_config
-from xemogpt_jax.run_config import xemogpt_config
 from xemogpt_jax.models.xemogpt import XEmoGPT
+from xemogpt_jax.run_config import xemogpt_config
+from xemogpt_jax.testing.byte_tokenizer import byte_tokenizer
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared/media"
 

@@ -9,16 +9,16 @@ import functools
 import importlib.util
 import re
 
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from xemogpt_jax import aot_check, cli_checks
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu is not installed (pip install -e '.[tpu]')")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
-
-from xemogpt_jax import aot_check, cli_checks  # noqa: E402
 
 V5E = aot_check.CHIPS["v5e"]
 

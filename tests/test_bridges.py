@@ -10,10 +10,10 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer as TorchCLIP
 from transformers.models.hubert.modeling_hubert import HubertEncoderLayer as TorchHubertLayer
 
 from tests.xemogpt_fixtures import build_filled
-from xemogpt_jax.testing.torch_reference import assign_paths, linear_and_norm_tensors, to_torch
 from xemogpt_jax.models import bridges
 from xemogpt_jax.models.clip import CLIPEncoderConfig
 from xemogpt_jax.models.hubert import HubertConfig
+from xemogpt_jax.testing.torch_reference import assign_paths, linear_and_norm_tensors, to_torch
 
 WIDTH, FRAMES, ALIGN, TEXT = 32, 6, 24, 20
 CLIP_HF = dict(

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from data_pipelines.build import EXIT_OK, EXIT_SKIPPED, BuildConfig, build, file_sha256, main
-from xemogpt_jax.cli_checks import EXIT_USAGE
 from data_pipelines.records import MANIFEST_NAME, SKIPPED_NAME, load_manifest, open_source
 from data_pipelines.schema import decode_record
+from xemogpt_jax.cli_checks import EXIT_USAGE
 
 REPO = Path(__file__).parents[1]
 MEDIA = Path(__file__).parents[2] / "shared/media"

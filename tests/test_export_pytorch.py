@@ -18,13 +18,18 @@ from flax import nnx
 
 from configs import sft
 from tests.weights_fixtures import (
-    build_world, import_args, load_release_module, pixels, release_import, release_state, waveforms,
+    build_world,
+    import_args,
+    load_release_module,
+    pixels,
+    release_import,
+    release_state,
+    waveforms,
 )
-from xemogpt_jax import run_config, sharding
+from xemogpt_jax import export_pytorch, import_weights, run_config, sharding
 from xemogpt_jax.loading import load_model_checkpoint
 from xemogpt_jax.models import hf_io, lora, xemogpt_params
 from xemogpt_jax.models.xemogpt import XEmoGPT
-from xemogpt_jax import export_pytorch, import_weights
 
 IDS = np.array([[3, 17, 42, 8, 60, 11], [90, 2, 33, 33, 7, 1]], np.int32)
 

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from xemogpt_jax import sharding
 from xemogpt_jax.models import hf_io, presets
 from xemogpt_jax.models.hubert import HubertConfig, HubertEncoderLayer, HubertModel
-from xemogpt_jax.models.layers import key_mask_bias
 from xemogpt_jax.models.hubert_params import ENCODER_LAYER_RULES, load_hubert, make_key_map
+from xemogpt_jax.models.layers import key_mask_bias
 
 TINY = dict(
     hidden_size=32,

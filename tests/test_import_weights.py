@@ -12,12 +12,17 @@ import torch
 from flax import nnx
 
 from tests.weights_fixtures import (
-    ALIGN, build_world, import_args, load_release_module, pixels, release_import, waveforms,
+    ALIGN,
+    build_world,
+    import_args,
+    load_release_module,
+    pixels,
+    release_import,
+    waveforms,
 )
-from xemogpt_jax import run_config, sharding
+from xemogpt_jax import import_weights, run_config, sharding
 from xemogpt_jax.loading import load_model_checkpoint
 from xemogpt_jax.models import xemogpt_params
-from xemogpt_jax import import_weights
 
 IDS = np.array([[3, 17, 42, 8, 60, 11], [90, 2, 33, 33, 7, 1]], np.int32)
 

@@ -16,7 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from infer_fixtures import (
-    build_model, save_tokenizer, script_reply, shared_clip, tiny_run_config, write_checkpoint,
+    build_model,
+    save_tokenizer,
+    script_reply,
+    shared_clip,
+    tiny_run_config,
+    write_checkpoint,
 )
 
 from data_pipelines import build as build_lib

@@ -8,6 +8,7 @@ it shares none of our layout, splicing, batching or decoding code.
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 import torch

@@ -18,10 +18,19 @@ from flax import nnx
 
 from configs import sft
 from data_pipelines import synth
-from tests.infer_fixtures import shared_clip
 from tests.command_fixtures import tiny_hf_folders
-from xemogpt_jax import checkpoint, explainer, export_pytorch, import_weights, loading, run_config, sharding
-from xemogpt_jax import stages, trainer
+from tests.infer_fixtures import shared_clip
+from xemogpt_jax import (
+    checkpoint,
+    explainer,
+    export_pytorch,
+    import_weights,
+    loading,
+    run_config,
+    sharding,
+    stages,
+    trainer,
+)
 
 IDS = np.array([[3, 17, 42, 8, 60, 11], [90, 2, 33, 33, 7, 1]], np.int32)
 SUBTITLE = "Be there or be square. Oh, okay, goodbye."

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from xemogpt_jax.testing.byte_tokenizer import byte_tokenizer
 from xemogpt_jax import prompt
+from xemogpt_jax.testing.byte_tokenizer import byte_tokenizer
 
 SUBTITLE = "I can't believe it."
 INSTRUCTION = "Describe the emotion."

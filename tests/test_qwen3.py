@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from qwen_fixtures import hf_positions, padded_batch, save_tiny_hf
 from safetensors.numpy import load_file
 
-from qwen_fixtures import hf_positions, padded_batch, save_tiny_hf
 from xemogpt_jax import sharding
 from xemogpt_jax.models import lora, presets, qwen3_params
 from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM

@@ -11,7 +11,7 @@ from flax import serialization
 from transformers import CLIPImageProcessorPil
 
 from data_pipelines import schema
-from data_pipelines.annotations import AnnotationFileError, Annotation, BadRow, Columns, read_annotations
+from data_pipelines.annotations import Annotation, AnnotationFileError, BadRow, Columns, read_annotations
 from data_pipelines.build import BuildConfig, build_record
 from data_pipelines.media import MediaError, decode_audio, decode_video
 

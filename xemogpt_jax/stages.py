@@ -30,7 +30,8 @@ from jax.sharding import Mesh
 
 from data_pipelines import pipelines
 from xemogpt_jax import loading, losses, prompt, run_config
-from xemogpt_jax.models import bridges, clip_params, hubert_params, lora as lora_lib, qwen3_params
+from xemogpt_jax.models import bridges, clip_params, hubert_params, qwen3_params
+from xemogpt_jax.models import lora as lora_lib
 from xemogpt_jax.models.bert import BertConfig, BertModel
 from xemogpt_jax.models.clip import CLIPConfig, CLIPModel
 from xemogpt_jax.models.hubert import HubertConfig, HubertModel

@@ -11,9 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
+import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
-import ml_collections
 from ml_collections import config_flags
 
 from xemogpt_jax import cli_checks, config_checks, config_files

@@ -29,8 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines import pipelines
 from xemogpt_jax import checkpoint as checkpoint_lib
-from xemogpt_jax import metrics as metrics_lib
 from xemogpt_jax import loading, optim, sharding
+from xemogpt_jax import metrics as metrics_lib
 
 Batch = dict[str, Any]
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
