@@ -19,7 +19,7 @@ from xemogpt_fixtures import build_filled
 
 from xemogpt_jax import checkpoint as checkpoint_lib
 from xemogpt_jax import explainer as explainer_lib
-from xemogpt_jax import infer, prompt
+from xemogpt_jax import infer, prompt, run_config
 from xemogpt_jax.models.xemogpt import XEmoGPT
 from xemogpt_jax.preprocessing import audio as audio_pre
 from xemogpt_jax.preprocessing import image as image_pre
@@ -39,10 +39,11 @@ def world(tmp_path_factory):
     tokenizer = save_tokenizer(out / "tokenizer")
     config = tiny_run_config(out / "tokenizer", len(tokenizer))
     model_cfg = config.model
-    qwen = transformers.Qwen3Config(**model_cfg.llm.to_dict(), pad_token_id=tokenizer.pad_token_id,
+    qwen = transformers.Qwen3Config(**run_config.architecture(config, "llm"), pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=tokenizer.eos_token_id, attn_implementation="eager")
-    clip = transformers.CLIPVisionConfig(**model_cfg.clip.vision_config.to_dict(), attn_implementation="eager")
-    hubert = transformers.HubertConfig(**model_cfg.hubert.to_dict(), attn_implementation="eager")
+    clip = transformers.CLIPVisionConfig(**run_config.architecture(config, "clip")["vision_config"],
+                                         attn_implementation="eager")
+    hubert = transformers.HubertConfig(**run_config.architecture(config, "hubert"), attn_implementation="eager")
     torch.manual_seed(0)
     reference = TorchXEmoGPT(clip, hubert, qwen, num_frames=model_cfg.num_frames,
                              bridge_layers=model_cfg.bridge_layers).eval()
