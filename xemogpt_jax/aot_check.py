@@ -304,6 +304,7 @@ def build_step(config: Any, mesh: Any, batch_size: int, seq_len: int | None) -> 
                                    optim.learning_rate_at_step(config.optim, config.train.steps))
     batch = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding.batch_sharding(mesh, len(spec.shape)))
              for name, spec in task.abstract_batch(batch_size, seq_len).items()}
+
     def count(tree: Any) -> int:
         return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
