@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_aot_check_compiles_the_paper_scale_step_and_reports_memory():
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "aot_check.py"), "--config", str(ROOT / "configs" / "sft.py"),
-         "--mesh", "2,4", "--batch-size", "8", "--seq-len", "512", "--audio-seconds", "2"],
+         "--mesh", "2,4", "--batch-size", "8", "--seq-len", "512", "--audio-seconds", "2", "--no-unrolled-cost"],
         capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
