@@ -81,6 +81,7 @@ class Server:
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, port))
+        self.socket.listen(2048)  # queue clients that connect before uvicorn starts accepting
         app = build_app(model, self.batcher, settings, self.state)
         config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_keep_alive=5,
                                 timeout_graceful_shutdown=drain_timeout_s)
