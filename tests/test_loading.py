@@ -123,11 +123,13 @@ def test_release_export_reimported_explains_the_clip_like_the_trained_run(run, t
         "--config", str(run["config"]), "--out", str(tmp_path / "imported"),
     ])
     trained, again = explainer.load(workdir), explainer.load(tmp_path / "imported")
-    assert explain(trained) == explain(again)
     ours, theirs = params(trained.model), params(again.model)  # LoRA merged in both
     assert ours.keys() == theirs.keys()
     for name, value in ours.items():
         np.testing.assert_allclose(theirs[name], value, atol=1e-6, err_msg=name)
+    # The 2-step model's first tokens are near-tied (EOS vs "the"), so its greedy text can flip on 1e-7 noise;
+    # the logits the explanation is decoded from are the stable check.
+    np.testing.assert_allclose(np.asarray(again.model.llm(IDS)), np.asarray(trained.model.llm(IDS)), atol=1e-4)
 
 
 def test_inference_model_is_sharded_and_explains_like_one_device(run):
