@@ -243,6 +243,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--audio-seconds", type=float, default=None, help="audio input length (default: the config's)")
     parser.add_argument("--unrolled-cost", action=argparse.BooleanOptionalAction, default=True,
                         help="where the step has loops, compile it again unrolled for the cost figures (default)")
+    parser.add_argument("--infer", action="store_true",
+                        help="compile inference instead (stage 3): a full clip prompt's prefill and one decode step "
+                             "with the KV cache, greedy and at --beams; --batch-size counts clips")
+    parser.add_argument("--beams", type=int, default=5, help="--infer: beams of the beam-search step (release: 5)")
+    parser.add_argument("--max-new-tokens", type=int, default=756,
+                        help="--infer: KV-cache room for generated tokens (release: 756)")
     return parser.parse_args(argv)
 
 
@@ -317,7 +323,96 @@ def gib(n: float) -> str:
     return f"{n / GIB:9.3f} GiB"
 
 
-def run(args: argparse.Namespace) -> int:
+def print_memory(memory: Memory | None, target: Target) -> None:
+    if memory is None:
+        print("this backend gives no memory analysis")
+        return
+    print(f"per-{target.unit} memory (compiler estimate):")
+    print(f"  arguments (state + batch) {gib(memory.arguments)}")
+    aliased = gib(memory.aliased).strip()
+    print(f"  outputs                   {gib(memory.outputs)}  ({aliased} aliased to donated inputs)")
+    print(f"  temporaries               {gib(memory.temporaries)}")
+    line = f"  peak ~ args + outputs - aliased + temps = {gib(memory.peak).strip()}"
+    if target.chip:
+        hbm = target.chip.hbm_bytes
+        line += f" = {100 * memory.peak / hbm:.1f}% of the {hbm / GIB:g} GiB HBM"
+    print(line)
+
+
+def costed(compiled: Any, compile_step: Callable[[bool], Any], unrolled_cost: bool, unit: str) -> Cost:
+    """The compiled program's cost with every loop iteration counted (see :func:`scan_free_cost`), saying how."""
+    start = time.perf_counter()
+    as_configured = cost_of(compiled)
+    if as_configured.loops and unrolled_cost:
+        seconds_text = f"{as_configured.seconds * 1e3:.3f} ms" if as_configured.seconds else "none"
+        print(f"it has {as_configured.loops} loop(s); XLA's counts with each body once: "
+              f"{as_configured.flops / 1e12:.4g} TFLOP per {unit}, step time {seconds_text}; compiling it unrolled",
+              flush=True)
+    if unrolled_cost:
+        cost, unrolled = scan_free_cost(compile_step, compiled)
+    else:
+        cost, unrolled = as_configured, False
+    if unrolled:
+        print(f"cost from the step compiled again with its loops unrolled ({time.perf_counter() - start:.1f} s): "
+              "XLA counts a loop body once")
+        if cost.loops:
+            print(f"note: {cost.loops} loop(s) remain; XLA counts their bodies once, so the cost figures are low")
+    elif cost.loops:
+        print(f"note: it has {cost.loops} loop(s) whose bodies XLA counts once; cost figures are low "
+              "(--unrolled-cost counts every iteration)")
+    return cost
+
+
+def step_seconds(cost: Cost, chip: Chip) -> tuple[float, str]:
+    """XLA's estimated run time, or where its TPU cost model answers -1 (seen with fsdp > 1) its counts' roofline."""
+    if cost.seconds is not None:
+        return cost.seconds, "XLA's optimal_seconds"
+    return cost.roofline_seconds(chip), (
+        f"XLA gives none for this program; roofline of its counts: {chip.peak_bf16_flops / 1e12:g} "
+        f"TFLOP/s, {chip.hbm_bytes_per_second / 1e9:g} GB/s")
+
+
+def print_estimate(cost: Cost, flops: float, target: Target, n: int, tokens: int | None = None) -> float | None:
+    """Print the FLOPs, the step time and MFU (TPU only); returns the estimated seconds (None: no estimate)."""
+    unit = target.unit
+    print(f"step FLOPs (matmuls and convolutions, every layer counted): {flops / 1e12:.4g} TFLOP, "
+          f"{flops / n / 1e12:.4g} TFLOP per {unit}")
+    print(f"per-{unit} cost (compiler estimate): {cost.flops / 1e12:.4g} TFLOP (all ops), "
+          f"{cost.bytes_accessed / GIB:.4g} GiB accessed")
+    if target.chip is None:
+        print("step time: this backend gives no estimate (the TPU compiler does: --target tpu:<topology>)")
+        return None
+    from xemogpt_jax import metrics
+
+    seconds, how = step_seconds(cost, target.chip)
+    mfu = metrics.mfu(flops, seconds, target.chip.peak_bf16_flops, n)
+    print(f"step time (compiler estimate): {seconds * 1e3:.3f} ms ({how})")
+    print(f"MFU (compiler estimate): {100 * mfu:.1f}% = {flops / n / 1e12:.4f} TFLOP per chip / "
+          f"{seconds * 1e3:.3f} ms / {target.chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16 peak")
+    if tokens:
+        print(f"tokens/s per chip (compiler estimate): {tokens / seconds / n:.1f}")
+    return seconds
+
+
+def check_fits(memory: Memory | None, target: Target) -> None:
+    if memory is not None and target.chip and memory.peak > target.chip.hbm_bytes:
+        over = (memory.peak - target.chip.hbm_bytes) / GIB
+        raise UsageError(f"does not fit: peak {memory.peak / GIB:.2f} GiB per chip is {over:.2f} GiB over the "
+                         f"{target.chip.hbm_bytes / GIB:g} GiB HBM of a {target.chip.name}; {REMEDIES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    config: Any
+    target: Target
+    devices: list[Any]
+    shape: tuple[int, ...]
+    mesh: Any
+    batch_size: int
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """The config, target, devices and mesh the flags name, each mistake one line."""
     from xemogpt_jax import config_files
 
     try:
@@ -332,107 +427,115 @@ def run(args: argparse.Namespace) -> int:
         config.data.max_audio_seconds = args.audio_seconds
     devices = target_devices(target)
 
-    import jax
-
-    from xemogpt_jax import metrics, sharding
+    from xemogpt_jax import sharding
 
     try:
         shape = sharding.resolve_mesh_shape(shape, len(devices))
     except ValueError as error:
         raise UsageError(f"{error} on --target {args.target or default_target(shape)}") from None
-    mesh = make_mesh(target, devices, shape)
     batch_size = args.batch_size or config.data.batch_size
     batch_shards = shape[0] * shape[1]
     if batch_size % batch_shards:
         raise UsageError(f"global batch {batch_size} does not divide over data x fsdp = {batch_shards} devices; "
-                       f"try --batch-size {batch_shards * max(1, batch_size // batch_shards)}")
-    step = build_step(config, mesh, batch_size, args.seq_len)
-    where = f"tpu:{target.topology} ({len(devices)} x {target.chip.name})" if target.chip else f"cpu:{len(devices)}"
+                         f"try --batch-size {batch_shards * max(1, batch_size // batch_shards)}")
+    return Setup(config, target, devices, shape, make_mesh(target, devices, shape), batch_size)
+
+
+def describe(s: Setup, args: argparse.Namespace) -> str:
+    where = f"tpu:{s.target.topology} ({len(s.devices)} x {s.target.chip.name})" if s.target.chip else \
+        f"cpu:{len(s.devices)}"
+    return (f"config {args.config} (stage {s.config.stage}): target {where}, mesh (data, fsdp, tensor) = {s.shape}, "
+            f"global batch {s.batch_size}, compute dtype {s.config.dtype}")
+
+
+def unrolled_copy(config: Any) -> Any | None:
+    """The config with every layer scan unrolled (None where it has no such switch or is unrolled already)."""
+    if "model" not in config or "unroll_layers" not in config.model or config.model.unroll_layers:
+        return None
+    unrolled = config.copy_and_resolve_references()
+    unrolled.model.unroll_layers = True
+    return unrolled
+
+
+def run(args: argparse.Namespace) -> int:
+    s = setup(args)
+    if args.infer:
+        return run_infer(args, s)
+
+    import jax
+
+    from xemogpt_jax import metrics
+
+    step = build_step(s.config, s.mesh, s.batch_size, args.seq_len)
     lengths = ", ".join(f"{name} {tuple(spec.shape)}" for name, spec in step.batch.items())
-    print(f"config {args.config} (stage {config.stage}): target {where}, mesh (data, fsdp, tensor) = {shape}, "
-          f"global batch {batch_size}, compute dtype {config.dtype}")
+    print(describe(s, args))
     print(f"batch (from the stage's collate): {lengths}")
     print(f"parameters: {step.total_params / 1e9:.3f} B total, {step.trainable_params / 1e6:.1f} M trainable; "
           f"optimizer + trained state {step.trained_values / 1e6:.1f} M values")
-
-    can_unroll = "model" in config and "unroll_layers" in config.model and not config.model.unroll_layers
+    unrolled_config = unrolled_copy(s.config)
 
     def compile_step(unrolled: bool) -> Any:
-        if not unrolled:
-            with jax.set_mesh(mesh):
-                return compile_lowered(step.lower)
         other = step
-        if can_unroll:
-            unrolled_config = config.copy_and_resolve_references()
-            unrolled_config.model.unroll_layers = True
-            other = build_step(unrolled_config, mesh, batch_size, args.seq_len)
-        options = UNROLL_PARTITIONER_LOOPS if target.kind == "tpu" else {}
-        with jax.set_mesh(mesh):
-            return compile_lowered(lambda: other.lower(), options)
+        if unrolled and unrolled_config is not None:
+            other = build_step(unrolled_config, s.mesh, s.batch_size, args.seq_len)
+        options = UNROLL_PARTITIONER_LOOPS if unrolled and s.target.kind == "tpu" else {}
+        with jax.set_mesh(s.mesh):
+            return compile_lowered(other.lower, options)
 
     start = time.perf_counter()
     compiled = compile_step(False)
-    seconds = time.perf_counter() - start
-    print(f"lowered and compiled in {seconds:.1f} s", flush=True)
-    unit = target.unit
+    print(f"lowered and compiled in {time.perf_counter() - start:.1f} s", flush=True)
     memory = memory_of(compiled)
-    if memory is None:
-        print("this backend gives no memory analysis")
-    else:
-        print(f"per-{unit} memory (compiler estimate):")
-        print(f"  arguments (state + batch) {gib(memory.arguments)}")
-        aliased = gib(memory.aliased).strip()
-        print(f"  outputs                   {gib(memory.outputs)}  ({aliased} aliased to donated inputs)")
-        print(f"  temporaries               {gib(memory.temporaries)}")
-        line = f"  peak ~ args + outputs - aliased + temps = {gib(memory.peak).strip()}"
-        if target.chip:
-            hbm = target.chip.hbm_bytes
-            line += f" = {100 * memory.peak / hbm:.1f}% of the {hbm / GIB:g} GiB HBM"
-        print(line)
-
-    start = time.perf_counter()
-    as_configured = cost_of(compiled)
-    if as_configured.loops and args.unrolled_cost:
-        seconds_text = f"{as_configured.seconds * 1e3:.3f} ms" if as_configured.seconds else "none"
-        print(f"the step as configured has {as_configured.loops} loop(s); XLA's counts with each body once: "
-              f"{as_configured.flops / 1e12:.4g} TFLOP per {unit}, step time {seconds_text}; compiling it unrolled",
-              flush=True)
-    if args.unrolled_cost:
-        cost, unrolled = scan_free_cost(compile_step, compiled)
-    else:
-        cost, unrolled = cost_of(compiled), False
-    if unrolled:
-        print(f"cost from the step compiled again with its loops unrolled ({time.perf_counter() - start:.1f} s): "
-              "XLA counts a loop body once")
-        if cost.loops:
-            print(f"note: {cost.loops} loop(s) remain; XLA counts their bodies once, so the cost figures are low")
-    elif cost.loops:
-        print(f"note: the step has {cost.loops} loop(s) whose bodies XLA counts once; cost figures are low "
-              "(--unrolled-cost counts every iteration)")
-    with jax.set_mesh(mesh):
+    print_memory(memory, s.target)
+    cost = costed(compiled, compile_step, args.unrolled_cost, s.target.unit)
+    with jax.set_mesh(s.mesh):
         flops = metrics.traced_flops(step.jitted, step.trained, step.frozen, step.batch)
-    n = len(devices)
-    print(f"step FLOPs (matmuls and convolutions, every layer counted): {flops / 1e12:.4g} TFLOP, "
-          f"{flops / n / 1e12:.4g} TFLOP per {unit}")
-    print(f"per-{unit} cost (compiler estimate): {cost.flops / 1e12:.4g} TFLOP (all ops), "
-          f"{cost.bytes_accessed / GIB:.4g} GiB accessed")
-    if target.chip is None:
-        print("step time: this backend gives no estimate (the TPU compiler does: --target tpu:<topology>)")
-    else:
-        if cost.seconds is not None:
-            seconds, how = cost.seconds, "XLA's optimal_seconds"
-        else:  # the TPU cost model answers -1 for some programs (seen with fsdp > 1)
-            seconds = cost.roofline_seconds(target.chip)
-            how = (f"XLA gives none for this program; roofline of its counts: {target.chip.peak_bf16_flops / 1e12:g} "
-                   f"TFLOP/s, {target.chip.hbm_bytes_per_second / 1e9:g} GB/s")
-        mfu = metrics.mfu(flops, seconds, target.chip.peak_bf16_flops, n)
-        print(f"step time (compiler estimate): {seconds * 1e3:.3f} ms ({how})")
-        print(f"MFU (compiler estimate): {100 * mfu:.1f}% = {flops / n / 1e12:.4f} TFLOP per chip / "
-              f"{seconds * 1e3:.3f} ms / {target.chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16 peak")
-    if memory is not None and target.chip and memory.peak > target.chip.hbm_bytes:
-        over = (memory.peak - target.chip.hbm_bytes) / GIB
-        raise UsageError(f"does not fit: peak {memory.peak / GIB:.2f} GiB per chip is {over:.2f} GiB over the "
-                       f"{target.chip.hbm_bytes / GIB:g} GiB HBM of a {target.chip.name}; {REMEDIES}")
+    tokens = s.batch_size * step.batch["token_ids"].shape[1] if "token_ids" in step.batch else None
+    print_estimate(cost, flops, s.target, len(s.devices), tokens)
+    check_fits(memory, s.target)
+    return 0
+
+
+def run_infer(args: argparse.Namespace, s: Setup) -> int:
+    """Compile the inference programs (:mod:`xemogpt_jax.aot_infer`) and print each one's figures."""
+    import jax
+
+    from xemogpt_jax import aot_infer, metrics
+
+    if s.config.stage != "sft":
+        raise UsageError(f"--infer: inference runs the stage-3 model (configs/sft.py), not stage {s.config.stage}")
+
+    def programs(config: Any) -> list[aot_infer.Program]:
+        return aot_infer.build_programs(config, s.mesh, s.batch_size, args.seq_len, args.beams, args.max_new_tokens)
+
+    print(describe(s, args).replace("global batch", "clips"))
+    configured = programs(s.config)
+    unrolled_config = unrolled_copy(s.config)
+    worst: aot_infer.Program | None = None
+    worst_memory: Memory | None = None
+    for index, program in enumerate(configured):
+        print(f"\n{program.name}")
+
+        def compile_program(unrolled: bool, index: int = index, program: aot_infer.Program = program) -> Any:
+            chosen = programs(unrolled_config)[index] if unrolled and unrolled_config is not None else program
+            options = UNROLL_PARTITIONER_LOOPS if unrolled and s.target.kind == "tpu" else {}
+            with jax.set_mesh(s.mesh):
+                return compile_lowered(chosen.lower, options)
+
+        start = time.perf_counter()
+        compiled = compile_program(False)
+        print(f"lowered and compiled in {time.perf_counter() - start:.1f} s", flush=True)
+        memory = memory_of(compiled)
+        print_memory(memory, s.target)
+        cost = costed(compiled, compile_program, args.unrolled_cost, s.target.unit)
+        with jax.set_mesh(s.mesh):
+            flops = metrics.traced_flops(program.jitted, *program.args)
+        print_estimate(cost, flops, s.target, len(s.devices), program.tokens)
+        if memory is not None and (worst_memory is None or memory.peak > worst_memory.peak):
+            worst, worst_memory = program, memory
+    if worst is not None:
+        print(f"\nlargest peak: {worst.name}, {worst_memory.peak / GIB:.3f} GiB per {s.target.unit}")
+    check_fits(worst_memory, s.target)
     return 0
 
 
