@@ -22,6 +22,7 @@ config's ``mesh.shape``).
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib.util
 import math
@@ -97,6 +98,8 @@ def target_devices(target: Target) -> list[Any]:
     # libtpu would otherwise ask a metadata server (absent off Cloud) for the host's TPU and workers.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Compiling touches no chip, so another process's libtpu (a second xemogpt-aot) need not lock this one out.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     jax.config.update("jax_platforms", "cpu")
     from jax.experimental import topologies
 
@@ -243,12 +246,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--audio-seconds", type=float, default=None, help="audio input length (default: the config's)")
     parser.add_argument("--unrolled-cost", action=argparse.BooleanOptionalAction, default=True,
                         help="where the step has loops, compile it again unrolled for the cost figures (default)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field, e.g. --set model.attention=splash (repeatable)")
     parser.add_argument("--infer", action="store_true",
                         help="compile inference instead (stage 3): a full clip prompt's prefill and one decode step "
                              "with the KV cache, greedy and at --beams; --batch-size counts clips")
     parser.add_argument("--beams", type=int, default=5, help="--infer: beams of the beam-search step (release: 5)")
     parser.add_argument("--max-new-tokens", type=int, default=756,
                         help="--infer: KV-cache room for generated tokens (release: 756)")
+    parser.add_argument("--search", action="store_true",
+                        help="try meshes, remat choices and batches on a TPU target; rank what fits by estimated "
+                             "tokens/s per chip and print the layout to launch with")
+    parser.add_argument("--search-meshes", default=None,
+                        help="--search: data,fsdp,tensor;... (default: every power-of-two split, --search-tensor)")
+    parser.add_argument("--search-tensor", default="1,2,4", help="--search: tensor splits to try (default 1,2,4)")
+    parser.add_argument("--search-remat", default="full,dots_with_no_batch_dims_saveable",
+                        help="--search: model.remat choices for the LLM layers")
+    parser.add_argument("--search-remat-towers", default="none",
+                        help="--search: model.remat_towers choices for the tower and bridge layers")
+    parser.add_argument("--search-batch", default="1,2,4", help="--search: rows per data x fsdp shard to try")
     return parser.parse_args(argv)
 
 
@@ -419,6 +435,8 @@ def setup(args: argparse.Namespace) -> Setup:
         config = config_files.load(args.config)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
+    for assignment in args.set:
+        override(config, assignment)
     shape = mesh_shape_of(args, config)
     target = parse_target(args.target or default_target(shape))
     if args.audio_seconds is not None:
@@ -441,6 +459,26 @@ def setup(args: argparse.Namespace) -> Setup:
     return Setup(config, target, devices, shape, make_mesh(target, devices, shape), batch_size)
 
 
+def override(config: Any, assignment: str) -> None:
+    """``--set a.b=value`` into an existing field; the value read as a Python literal where it is one, else as text."""
+    field, equals, text = assignment.partition("=")
+    *parents, name = field.split(".")
+    node = config
+    for part in parents:
+        node = node.get(part) if hasattr(node, "get") else None
+    if not equals or node is None or name not in node:
+        raise UsageError(f"--set {assignment}: expected FIELD=VALUE with FIELD a field of the config, "
+                         "e.g. model.attention=splash")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    try:
+        node[name] = value
+    except TypeError as error:
+        raise UsageError(f"--set {assignment}: {error}") from None
+
+
 def describe(s: Setup, args: argparse.Namespace) -> str:
     where = f"tpu:{s.target.topology} ({len(s.devices)} x {s.target.chip.name})" if s.target.chip else \
         f"cpu:{len(s.devices)}"
@@ -458,9 +496,13 @@ def unrolled_copy(config: Any) -> Any | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.infer and args.search:
+        raise UsageError("--infer and --search: give one (the search lays out the train step)")
     s = setup(args)
     if args.infer:
         return run_infer(args, s)
+    if args.search:
+        return run_search(args, s)
 
     import jax
 
@@ -536,6 +578,25 @@ def run_infer(args: argparse.Namespace, s: Setup) -> int:
     if worst is not None:
         print(f"\nlargest peak: {worst.name}, {worst_memory.peak / GIB:.3f} GiB per {s.target.unit}")
     check_fits(worst_memory, s.target)
+    return 0
+
+
+def run_search(args: argparse.Namespace, s: Setup) -> int:
+    """Rank the layouts :mod:`xemogpt_jax.aot_search` tries and say which to launch with."""
+    from xemogpt_jax import aot_search
+
+    print(describe(s, args).split(", mesh")[0] + ": searching layouts (every figure a compiler estimate)")
+    results = aot_search.search(args, s)
+    unit = "tokens" if any(r.items > r.layout.global_batch for r in results) else "clips"
+    aot_search.print_table(results, unit, s.target.chip.hbm_bytes)
+    winner = aot_search.best(results)
+    if winner is None:
+        raise UsageError(f"no layout tried fits the {s.target.chip.hbm_bytes / GIB:g} GiB HBM of a "
+                         f"{s.target.chip.name}; {REMEDIES}")
+    print(f"\nlaunch with ({aot_search.describe(winner.layout)}: {winner.rate_per_chip:.1f} {unit}/s per chip, "
+          f"MFU {100 * winner.mfu:.1f}%, compiler estimates):")
+    print(f"  tools/launch_tpu_pod.sh train TPU_NAME ZONE {args.config} gs://BUCKET/RUN "
+          + " ".join(winner.layout.overrides()))
     return 0
 
 
