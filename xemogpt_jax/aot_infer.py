@@ -16,6 +16,8 @@ from typing import Any
 
 # Prompt text around the media tokens (template, instruction, subtitle): a generous allowance.
 PROMPT_TEXT_TOKENS = 128
+# The stage-3 batch fields a prompt needs (the collate's names; no labels at inference).
+PROMPT_FIELDS = ("token_ids", "kind", "feature_index", "attention_mask", "pixel_values", "input_values", "audio_mask")
 KV_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
@@ -63,15 +65,15 @@ def build_programs(config: Any, mesh: Any, batch_size: int, seq_len: int | None,
     state = jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     fields = task.abstract_batch(batch_size, length)
     batch = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding.batch_sharding(mesh, len(spec.shape)))
-             for name, spec in fields.items() if name not in ("labels", "positions")}
+             for name, spec in fields.items() if name in PROMPT_FIELDS}
     length = batch["token_ids"].shape[1]
 
     @jax.jit
     def prefill(state: Any, batch: dict[str, Any]) -> tuple[jax.Array, KVCache]:
         xemogpt = nnx.merge(graphdef, state)
         embeds = xemogpt.input_embeddings(batch["token_ids"], batch["kind"], batch["feature_index"],
-                                          frames=batch.get("frames"), audio=batch.get("audio"),
-                                          audio_mask=batch.get("audio_mask"))
+                                          frames=batch["pixel_values"], audio=batch["input_values"],
+                                          audio_mask=batch["audio_mask"])
         return generate._prefill(xemogpt.llm, None, embeds, batch["attention_mask"], max_new_tokens)
 
     llm = model.config.llm

@@ -229,7 +229,8 @@ def release_name(path: StatePath, index: int | None = None) -> tuple[str, Callab
     raise KeyError(f"no release name for parameter {'/'.join(map(str, path))}")
 
 
-def _is_stacked(path: StatePath) -> bool:
+def is_stacked(path: StatePath) -> bool:
+    """Whether ``path`` is a stacked (scanned-layer) parameter, one release tensor per slot of its leading axis."""
     return any(path[: len(prefix)] == prefix for prefix in _STACKED)
 
 
@@ -254,7 +255,7 @@ def release_tensors(model: nnx.Module, dtype: Any = None) -> Iterator[ExportTens
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         path = tuple(path)
         array = variable.get_value()
-        slots = range(array.shape[0]) if _is_stacked(path) else [None]
+        slots = range(array.shape[0]) if is_stacked(path) else [None]
         for index in slots:
             name, transform = release_name(path, index)
             yield _export_record(name, array, transform, dtype, index)
