@@ -439,6 +439,10 @@ def setup(args: argparse.Namespace) -> Setup:
         override(config, assignment)
     shape = mesh_shape_of(args, config)
     target = parse_target(args.target or default_target(shape))
+    if args.infer and config.stage != "sft":
+        raise UsageError(f"--infer: inference runs the stage-3 model (configs/sft.py), not stage {config.stage}")
+    if args.search and target.chip is None:
+        raise UsageError("--search ranks layouts by the TPU compiler's step time: give --target tpu:<topology>")
     if args.audio_seconds is not None:
         if "max_audio_seconds" not in config.data:
             raise UsageError(f"--audio-seconds: stage {config.stage} takes no audio")
@@ -543,9 +547,6 @@ def run_infer(args: argparse.Namespace, s: Setup) -> int:
     import jax
 
     from xemogpt_jax import aot_infer, metrics
-
-    if s.config.stage != "sft":
-        raise UsageError(f"--infer: inference runs the stage-3 model (configs/sft.py), not stage {s.config.stage}")
 
     def programs(config: Any) -> list[aot_infer.Program]:
         return aot_infer.build_programs(config, s.mesh, s.batch_size, args.seq_len, args.beams, args.max_new_tokens)

@@ -114,8 +114,6 @@ def search(args: Any, s: Any) -> list[Result]:
 
     from xemogpt_jax import aot_check, metrics
 
-    if s.target.chip is None:
-        raise UsageError("--search ranks layouts by the TPU compiler's step time: give --target tpu:<topology>")
     batches = sorted(parse_list(args.search_batch, "--search-batch", int))
     results: list[Result] = []
     for mesh_shape, remat, towers in candidates(args, s.config, len(s.devices)):
