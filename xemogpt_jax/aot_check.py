@@ -11,8 +11,11 @@ compiler in libtpu, run on this host: no TPU needed). It prints, per device (per
 - cost: XLA's FLOPs and bytes, its estimated step time (``optimal_seconds``, TPU only) and the MFU that time
   implies for our traced FLOPs (:func:`xemogpt_jax.metrics.traced_flops`) at the chip's bf16 peak.
 
+``--infer`` compiles inference instead (:mod:`xemogpt_jax.aot_infer`: the prefill and a decode step), and
+``--search`` ranks layouts (:mod:`xemogpt_jax.aot_search`: meshes, remat, batch) by estimated tokens/s per chip.
+
 Every figure is a compiler estimate, not a measurement. XLA's cost analysis counts a loop body once, so a
-step whose LLM layers run under ``lax.scan`` would show one layer's cost: when the compiled step has a loop,
+step whose layers run under ``lax.scan`` (LLM, CLIP, HuBERT) would show one layer's cost: when it has a loop,
 its cost comes from a second compile with the layer scan unrolled (``model.unroll_layers``), while its memory
 comes from the step as configured. :func:`scan_free_cost` is that method (tests/test_aot_tpu.py checks it
 against a hand-computed roofline). ``--mesh`` takes 2 or 3 entries (tensor defaults to 1; default: the
