@@ -261,9 +261,9 @@ def test_infer_compiles_the_prefill_and_a_decode_step_greedy_and_with_beams(caps
     assert names[1] == "decode step, greedy (4 rows, cache of 400)", names
     assert names[2] == "decode step, 5 beams (20 rows, cache of 400)", names
     for section in sections[:3]:
-        values = figures(section)
-        assert all(value > 0 for value in values.values()), values
-        assert values["peak"] >= values["arguments"]
+        values = figures(section)  # a tiny decode step's temporaries and MFU may print as 0.000 / 0.0
+        assert all(values[name] > 0 for name in ("arguments", "step_ms", "traced_tflop", "xla_tflop")), values
+        assert values["peak"] >= values["arguments"] and values["mfu"] < 100
     greedy, beams = figures(sections[1]), figures(sections[2])
     assert beams["traced_tflop"] == pytest.approx(5 * greedy["traced_tflop"], rel=0.05)  # 5 x the rows
     assert "largest peak:" in out
