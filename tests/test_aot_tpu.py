@@ -12,9 +12,11 @@ import functools
 import importlib.util
 import io
 import logging
+import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -300,12 +302,11 @@ def test_search_ranks_the_fitting_layouts_and_its_choice_launches_as_printed(cap
     assert launched.returncode == 0, launched.stderr
     train_argv = shlex.split(launched.stdout.split("&&", 1)[1])
     assert train_argv[:3] == [".venv/bin/python", "-m", "xemogpt_jax.train"]
-    from absl import flags
-    from ml_collections import config_flags
-
-    values = flags.FlagValues()
-    config = config_flags.DEFINE_config_file("config", None, "", flag_values=values)
-    values(["train", *[a for a in train_argv[3:] if a.startswith("--config")]])
-    assert ",".join(map(str, config.value.mesh.shape)) == best_mesh
-    assert config.value.data.batch_size == best_batch
-    assert config.value.model.remat_towers == "none"
+    # xemogpt_jax.train's flag parsing (absl's config_flags) reads the layout back from those arguments
+    script = ("import sys; from absl import flags; from ml_collections import config_flags; "
+              "c = config_flags.DEFINE_config_file('config'); flags.FLAGS(sys.argv); v = c.value; "
+              "print(','.join(map(str, v.mesh.shape)), v.data.batch_size, v.model.remat_towers)")
+    parsed = subprocess.run([sys.executable, "-c", script, *[a for a in train_argv[3:] if a.startswith("--config")]],
+                            capture_output=True, text=True, cwd=root, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert parsed.stdout.split() == [best_mesh, str(best_batch), "none"], parsed.stderr[-2000:]
