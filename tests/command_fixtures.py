@@ -1,13 +1,17 @@
-"""Tiny HF model folders and file hashes for the tests that run the commands as a user does."""
+"""Tiny HF model folders, file hashes and stored checkpoint state for the tests that run the commands as a user does."""
 
 from __future__ import annotations
 
 import hashlib
 import shutil
 from pathlib import Path
+from typing import Any
 
+import jax
+import numpy as np
 import transformers
 
+from xemogpt_jax import checkpoint
 from xemogpt_jax.models import presets
 
 
@@ -34,3 +38,11 @@ def tree_hashes(folder: Path) -> dict[str, str]:
         str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(folder.rglob("*")) if path.is_file()
     }
+
+
+def stored_state(directory: Path) -> dict[str, Any]:
+    """A checkpoint's ``state`` item as Orbax stores it, as host numpy arrays: the reference for what was saved."""
+    on_host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_host),
+                          checkpoint.state_metadata(directory))
+    return jax.tree.map(np.asarray, checkpoint.restore_state_part(directory, target))

@@ -18,7 +18,7 @@ from flax import nnx
 
 from configs import sft
 from data_pipelines import synth
-from tests.command_fixtures import tiny_hf_folders
+from tests.command_fixtures import stored_state, tiny_hf_folders
 from tests.infer_fixtures import shared_clip
 from xemogpt_jax import (
     checkpoint,
@@ -106,7 +106,7 @@ def test_peft_export_of_a_trained_run_holds_the_trained_adapters(run, tmp_path):
     export_pytorch.main(["--checkpoint", str(checkpoints), "--out", str(tmp_path), "--format", "peft"])
     tuned = peft.PeftModel.from_pretrained(base_llm(run), tmp_path).eval()
     np.testing.assert_allclose(torch_logits(tuned), unmerged_llm_logits(checkpoints), atol=1e-4, rtol=1e-4)
-    stored = checkpoint.restore_state_numpy(checkpoints)["model"]["llm"]["layers"]["self_attn"]["q_proj"]["lora_b"]
+    stored = stored_state(checkpoints)["model"]["llm"]["layers"]["self_attn"]["q_proj"]["lora_b"]
     adapter = safetensors.numpy.load_file(tmp_path / "adapter_model.safetensors")
     np.testing.assert_array_equal(adapter["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"],
                                   stored[1].T)

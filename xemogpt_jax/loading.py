@@ -65,17 +65,9 @@ class Checkpoint:
         return int(self.run.get("seed", 0))
 
 
-def checkpoint_directory(path: str | Path) -> Path:
-    """A trainer workdir or its ``checkpoints/`` folder -> the folder the Orbax manager owns."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} is not a directory")
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
-
-
 def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
     """A stage-3 run (workdir or ``checkpoints/``) or an imported model checkpoint; stage 1-2 runs are refused."""
-    directory = checkpoint_directory(path)
+    directory = checkpoint.checkpoint_directory(path)
     stored = checkpoint.restore_config(directory, step)
     if ModelSpec.describes(stored):
         return Checkpoint(directory, run_config.resolve(stored), step, ModelSpec.from_json(stored))
