@@ -206,6 +206,21 @@ def fill_init_from(model: XEmoGPT, init_from: Mapping[str, Any], mesh: Mesh) -> 
             fill_from_state(model, Path(init_from[key]) / "checkpoints", moves, mesh)
 
 
+def from_hf(factory: Callable[[], M], folder: str | Path, key_map: hf_io.KeyMap,
+            mesh: Mesh | None = None) -> tuple[M, hf_io.LoadReport]:
+    """One HF model on its own (a Qwen3, a CLIP, a HuBERT), built abstractly and streamed in tensor by tensor.
+
+    ``factory`` is the family's (``qwen3_params.hf_factory``, ...); LoRA adapters, which no HF folder
+    holds, get the factory's initial values. Without ``mesh`` the model lives on the first device.
+    """
+    mesh = mesh if mesh is not None else sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    model = nnx.eval_shape(factory)
+    with jax.set_mesh(mesh):
+        report = fill_from_hf(model, folder, key_map, mesh)
+    init_unset(model, factory, mesh)
+    return model, report
+
+
 # ---------------------------------------------------------------- XEmoGPT
 
 
