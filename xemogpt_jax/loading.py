@@ -168,7 +168,7 @@ def init_unset(module: M, factory: Callable[[], M], mesh: Mesh) -> list[TreePath
     """Give every variable no source set its initial value, created directly in its sharding.
 
     Only the unset variables are outputs of the jitted init, so the rest of the init is never
-    computed; values equal those a full ``sharding.create_sharded(factory, mesh)`` would give.
+    computed; values equal those ``factory()`` gives.
     Returns the paths initialised.
     """
     unset = [(path, v) for path, v in _flat(module).items() if _is_unset(v)]
