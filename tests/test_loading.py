@@ -37,6 +37,7 @@ IDS = np.array([[3, 17, 42, 8, 60, 11], [90, 2, 33, 33, 7, 1]], np.int32)
 SUBTITLE = "Be there or be square. Oh, okay, goodbye."
 GREEDY = explainer.Decoding(max_new_tokens=6, num_beams=1, do_sample=False)
 LORA = dict(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj"))
+AUDIO_SECONDS = 1.0  # the audio window sets the prompt's audio token count: the re-import config must match
 RUN_CONFIG = f'''
 from configs import sft
 
@@ -44,6 +45,7 @@ from configs import sft
 def get_config(variant=""):
     c = sft.get_config("tiny")
     c.model.lora.rank, c.model.lora.alpha = {LORA["rank"]}, {LORA["alpha"]}
+    c.data.max_audio_seconds = {AUDIO_SECONDS}
     return c
 '''
 
@@ -56,7 +58,7 @@ def run(tmp_path_factory) -> dict:
     config = sft.get_config("tiny")
     config.model.lora = LORA
     config.data.train_dir = str(root / "world" / "train")
-    config.data.max_audio_seconds = 1.0
+    config.data.max_audio_seconds = AUDIO_SECONDS
     config.optim.learning_rate, config.optim.warmup_steps = 1e-2, 0
     config.train.steps, config.train.show_progress = 10, False
     config.checkpoint.async_save, config.perf.flops_from = False, "params"
