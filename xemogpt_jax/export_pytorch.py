@@ -123,7 +123,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="a new or empty folder (written whole, or not at all)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out, an earlier export")
     parser.add_argument("--format", required=True, choices=("hf", "xemogpt", "peft"))
-    parser.add_argument("--dtype", default="f32", choices=tuple(DTYPES), help="tensor dtype of the files (default: f32)")
+    parser.add_argument("--dtype", default="f32", choices=tuple(DTYPES), help="dtype of the written tensors")
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor mesh shape to restore onto")
     return parser.parse_args(argv)
 
