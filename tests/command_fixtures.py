@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import torch
 import transformers
 
 from xemogpt_jax import checkpoint
@@ -16,7 +17,9 @@ from xemogpt_jax.models import presets
 
 
 def tiny_hf_folders(out: Path, tokenizer: Path) -> dict[str, Path]:
-    """Random transformers models with the tiny configs' architectures; the LLM folder carries the tokenizer."""
+    """Random transformers models with the tiny configs' architectures (seeded: every run trains the same
+    models); the LLM folder carries the tokenizer."""
+    torch.manual_seed(0)
     llm = {k: v for k, v in presets.get("llm", "tiny").items() if k != "model_type"}
     clip, hubert = presets.get("clip", "tiny"), presets.get("hubert", "tiny")
     models = {
