@@ -19,6 +19,7 @@ and returns the chosen beam's.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
@@ -101,27 +102,33 @@ def generate_scored(
 @partial(jax.jit, static_argnums=(0, 6))
 def _generate_jit(graphdef, state, input_ids, inputs_embeds, attention_mask, rng, config: GenerationConfig):
     model = nnx.merge(graphdef, state)
-    logits, cache = _prefill(model, input_ids, inputs_embeds, attention_mask, config.max_new_tokens)
+    layers = model.layer_list()  # sliced once, outside the decode loop
+    logits, cache = _prefill(model, layers, input_ids, inputs_embeds, attention_mask, config.max_new_tokens)
+    step = partial(_decode_step, model, layers)
     if config.num_beams > 1:
-        return _beam_search(model, logits, cache, config, rng)
-    return _sample_loop(model, logits, cache, rng, config)
+        return _beam_search(step, logits, cache, config, rng)
+    return _sample_loop(step, logits, cache, rng, config)
 
 
-def _prefill(model, input_ids, inputs_embeds, attention_mask, max_new_tokens):
+Step = Callable[[jax.Array, KVCache], tuple[jax.Array, KVCache]]  # last tokens [B], cache -> logits [B, V], cache
+
+
+def _prefill(model, layers, input_ids, inputs_embeds, attention_mask, max_new_tokens):
     """Run the prompt once; logits at each row's last real token and the filled cache."""
     prompt = input_ids if inputs_embeds is None else inputs_embeds
     batch, length = prompt.shape[:2]
     cache = model.init_cache(batch, length + max_new_tokens)
     hidden, cache = model.hidden_states(
-        input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache
+        input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, layers=layers
     )
     last = jnp.max(jnp.where(attention_mask.astype(bool), jnp.arange(length), 0), axis=1)
     hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     return model.logits(hidden_last), cache
 
 
-def _decode_step(model, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    logits, cache = model(tokens[:, None], attention_mask=jnp.ones((tokens.shape[0], 1), jnp.int32), cache=cache)
+def _decode_step(model, layers, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    logits, cache = model(tokens[:, None], attention_mask=jnp.ones((tokens.shape[0], 1), jnp.int32), cache=cache,
+                          layers=layers)
     return logits[:, 0], cache
 
 
@@ -172,7 +179,7 @@ def _choose(logits: jax.Array, key: jax.Array, config: GenerationConfig) -> jax.
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _sample_loop(model, logits, cache, rng, config: GenerationConfig) -> Generated:
+def _sample_loop(step_fn: Step, logits, cache, rng, config: GenerationConfig) -> Generated:
     """Greedy or sampled decoding; stops early once every row has produced EOS."""
     batch = logits.shape[0]
     n, k = config.max_new_tokens, config.top_logprobs
@@ -205,7 +212,7 @@ def _sample_loop(model, logits, cache, rng, config: GenerationConfig) -> Generat
 
     def body(carry):
         step, out, tokens, done, cache = carry
-        logits, cache = _decode_step(model, tokens, cache)
+        logits, cache = step_fn(tokens, cache)
         penalized = repetition_penalize(logits, out.tokens, step, config.repetition_penalty)
         chosen = _choose(penalized, jax.random.fold_in(rng, step), config)
         chosen = jnp.where(done, config.pad_token_id, chosen)
@@ -220,16 +227,6 @@ def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
     """``x[b, indices[b, j], ...]`` for ``x [B, K, ...]`` and ``indices [B, J]``."""
     idx = indices.reshape(indices.shape + (1,) * (x.ndim - 2))
     return jnp.take_along_axis(x, idx, axis=1)
-
-
-def _reorder_cache(cache: KVCache, flat_parents: jax.Array) -> KVCache:
-    return KVCache(
-        k=jnp.take(cache.k, flat_parents, axis=1),
-        v=jnp.take(cache.v, flat_parents, axis=1),
-        mask=jnp.take(cache.mask, flat_parents, axis=0),
-        index=cache.index,
-        lengths=jnp.take(cache.lengths, flat_parents, axis=0),
-    )
 
 
 def _beam_log_probs(
@@ -263,7 +260,7 @@ def _set_step(trace: jax.Array, values: jax.Array, step) -> jax.Array:
     return jax.lax.dynamic_update_slice(trace, values[:, :, None], (0, 0, step) + (0,) * (values.ndim - 2))
 
 
-def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array) -> Generated:
+def _beam_search(step_fn: Step, logits, cache, config: GenerationConfig, rng: jax.Array) -> Generated:
     """transformers' beam search over ``K = num_beams`` beams per row; returns each row's best finished beam.
 
     Each beam also carries a trace (its tokens' raw log-probs and top alternatives) that follows
@@ -273,7 +270,7 @@ def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array)
     k, n, top = config.num_beams, config.max_new_tokens, config.top_logprobs
     keep = max(2, 1 + len(config.eos_token_id)) * k
     top_k_mask = jnp.arange(keep) < k
-    cache = _reorder_cache(cache, jnp.repeat(jnp.arange(batch), k))
+    cache = cache.take_rows(jnp.repeat(jnp.arange(batch), k))
     log_probs = jnp.repeat(_beam_log_probs(logits, config)[:, None], k, axis=1)
     raw = tuple(jnp.repeat(x[:, None], k, axis=1) for x in _log_probs_and_top(logits, top))
 
@@ -348,8 +345,8 @@ def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array)
     def body(carry):
         step, s, parents, tokens, cache = carry
         flat_parents = (parents + jnp.arange(batch)[:, None] * k).reshape(-1)
-        cache = _reorder_cache(cache, flat_parents)
-        logits, cache = _decode_step(model, tokens.reshape(-1), cache)
+        cache = cache.take_rows(flat_parents)
+        logits, cache = step_fn(tokens.reshape(-1), cache)
         generated = s["running_seq"].reshape(batch * k, n)
         log_probs = _beam_log_probs(logits, config, generated, step).reshape(batch, k, vocab)
         raw = tuple(x.reshape(batch, k, *x.shape[1:]) for x in _log_probs_and_top(logits, top))
