@@ -97,6 +97,9 @@ def target_devices(target: Target) -> list[Any]:
     # libtpu would otherwise ask a metadata server (absent off Cloud) for the host's TPU and workers.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Compiling touches no chip, so another process's libtpu (a second xemogpt-aot, or a parallel test worker)
+    # need not lock this one out.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     jax.config.update("jax_platforms", "cpu")
     from jax.experimental import topologies
 
