@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
+# Test files run on both cores (pytest-xdist); each file stays in one worker so its module fixtures are built once.
+PYTEST_WORKERS ?= 2
 # tpu: libtpu, so the tests compile for TPU topologies (tests/test_aot_tpu.py); it stays idle on CPU hosts.
 EXTRAS ?= media,torch,dev,tpu
 
@@ -28,7 +30,7 @@ demo: install
 
 test: install chromium
 	$(BIN)/ruff check .
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Every benchmark in bench/, one after another, at its default (small) settings.
 BENCHMARKS := llm data train infer emocue360

@@ -27,7 +27,7 @@ import torch
 import transformers
 from flax import nnx
 
-from xemogpt_jax import emocue360, prompt
+from xemogpt_jax import emocue360, loading, prompt
 from xemogpt_jax.explainer import Clip, Decoding, Explainer, read_clip
 from xemogpt_jax.generate import GenerationConfig, generate
 from xemogpt_jax.models import presets, qwen3_params
@@ -70,7 +70,7 @@ def bench_decode(new_tokens: int, batches: list[int], repeats: int, prompt_lengt
     randomize(hf, 0)
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
-        ours, _ = qwen3_params.load_hf(folder)
+        ours, _ = loading.from_hf(qwen3_params.hf_factory(folder), folder, qwen3_params.hf_key_map)
     print(f"decode: Qwen3 hidden 512 x 8 layers, vocab 4096, prompt {prompt_length} embeddings, "
           f"{new_tokens} new tokens")
     print(f"{'mode':<14}{'batch':>6}{'ours tok/s':>13}{'HF tok/s':>11}{'ratio':>8}")

@@ -20,6 +20,7 @@ import torch
 import transformers
 from flax import nnx
 
+from xemogpt_jax import loading
 from xemogpt_jax.generate import GenerationConfig, generate
 from xemogpt_jax.models import qwen3_params
 
@@ -105,7 +106,7 @@ def main() -> None:
     hf_model = transformers.Qwen3ForCausalLM(hf_config()).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)
-        model, _ = qwen3_params.load_hf(tmp)
+        model, _ = loading.from_hf(qwen3_params.hf_factory(tmp), tmp, qwen3_params.hf_key_map)
     params = sum(p.numel() for p in hf_model.parameters())
     rng = np.random.default_rng(0)
     print(f"config: Qwen3 {params / 1e6:.1f}M params, fp32, jax {jax.__version__} on {jax.devices()[0].platform}, "

@@ -22,7 +22,7 @@ survives the per-clip zero-mean / unit-variance normalisation of the HuBERT feat
 syllables per second, 7 Hz pitch vibrato of depth 15 % when trembling, and a 0.8 s burst of breathy
 "ha" pulses when laughing.
 
-Emotion rules (emotion = the first rule that fires; a clip's modalities always agree):
+Emotion rules (a modality's emotion = the first of its rules that fires):
 
 - from the face: smiling -> happy; frowning with furrowed brows -> angry; frowning otherwise -> sad;
   raised brows with wide eyes -> surprised; furrowed brows -> worried; otherwise -> neutral.
@@ -30,14 +30,23 @@ Emotion rules (emotion = the first rule that fires; a clip's modalities always a
 - from the voice: laughter -> happy; tremor -> worried; high rising pitch -> surprised; loud and fast
   -> angry; soft and slow -> sad; otherwise -> neutral.
 
-The generator draws the emotion uniformly, then draws the visual and auditory cues uniformly among the
-combinations that the rules map to that emotion, so both modalities alone determine it.
-Modalities: 70 % audio+video, 15 % video-only, 15 % audio-only.
+The generator draws the face's and the voice's emotion, then draws the visual and auditory cues
+uniformly among the combinations that the rules map to each, so each modality alone determines its own.
+A third of the clips are conflict clips (world version 3): face and voice follow two different emotions,
+and both modalities are present, so a model can only name the face's cues by looking at the frames.
+The other clips agree, 70 % audio+video, 15 % video-only, 15 % audio-only. Training clips draw their
+conflict pair among all ordered pairs except those of ``UNSEEN_PAIRS`` (either order), which only
+held-out clips show; held-out clip ``i`` is a conflict clip when ``i % 3 == 0``, and its pair follows
+``HELDOUT_PAIRS`` (every unordered pair once, then every pair reversed), so the first 45 held-out
+clips cover every pair of emotions.
 
 Text per clip: an emotion-free subtitle; a description in the reference's style ("In the video, ...
-In the audio, ..." and a closing inference naming the deciding cues); short captions (the visual one
-first when the clip has video, then the auditory one when it has audio); and EmoCue-360 ground-truth
-cue lists per axis {visual, auditory, emotional}.
+In the audio, ..." and a closing inference naming the deciding cues); for a conflict clip the closing
+inference names both, by the fixed template "<Face noun> is suggested by <visual reason>, and <voice
+noun> is suggested by <auditory reason>, so the face suggests <face noun> while the voice suggests
+<voice noun>." (e.g. "... so the face suggests happiness while the voice suggests sadness."); short
+captions (the visual one first when the clip has video, then the auditory one when it has audio); and
+EmoCue-360 ground-truth cue lists per axis {visual, auditory, emotional}.
 
 CLI: ``python -m data_pipelines.synth --out DIR [--num-clips N] [--seed S] [--frame-size 64]`` writes
 ``DIR/train`` and ``DIR/heldout`` (ArrayRecord shards + manifest), ``DIR/<split>_cues.json`` and a
@@ -80,6 +89,9 @@ AUDIO_AXES: dict[str, tuple[str, ...]] = {
 }
 EMOTIONS = ("happy", "sad", "angry", "surprised", "worried", "neutral")
 MODALITY_WEIGHTS = {(True, True): 0.70, (True, False): 0.15, (False, True): 0.15}  # (has_video, has_audio)
+CONFLICT_SHARE = 1 / 3  # clips whose face and voice follow two different emotions
+# Pairs no training clip shows together (either order): held-out conflict clips test them unseen.
+UNSEEN_PAIRS = (("happy", "worried"), ("sad", "surprised"), ("angry", "neutral"))
 
 SAMPLE_RATE = schema.AUDIO_SAMPLE_RATE
 NUM_FRAMES = schema.NUM_FRAMES
@@ -91,7 +103,7 @@ SYLLABLES_PER_SECOND = {"fast": 6.0, "slow": 2.5}
 LIGHT_GAIN = {"bright": 1.0, "dim": 0.45}
 TREMOR_HZ, TREMOR_DEPTH = 7.0, 0.15
 # Bump when rendering, text or sampling change: a saved world with another version is stale.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 Cues = dict[str, str]
 
@@ -173,29 +185,61 @@ AUDIO_BY_EMOTION = _by_emotion(
 )
 
 
+_UNORDERED_PAIRS = list(itertools.combinations(EMOTIONS, 2))
+# (face, voice) of held-out conflict clip k (k = index // 3): every unordered pair, then each reversed.
+HELDOUT_PAIRS = tuple(_UNORDERED_PAIRS + [(voice, face) for face, voice in _UNORDERED_PAIRS])
+TRAIN_PAIRS = tuple(
+    (face, voice) for face, voice in itertools.permutations(EMOTIONS, 2)
+    if (face, voice) not in UNSEEN_PAIRS and (voice, face) not in UNSEEN_PAIRS
+)
+
+
 @dataclass(frozen=True)
 class ClipLatents:
     """Everything the generator decided for one clip; the rendering and the text follow from it."""
 
     clip_id: str
-    emotion: str
+    face: str  # the emotion the face's cues follow
+    voice: str  # the emotion the voice's cues follow (the face's unless a conflict clip)
     visual: Cues | None  # None: the clip has no video
     audio: Cues | None  # None: the clip has no audio
     subtitle: str
 
+    @property
+    def conflict(self) -> bool:
+        return self.face != self.voice
 
-def sample_latents(rng: np.random.Generator, clip_id: str) -> ClipLatents:
-    """Draw one clip's emotion, modalities, cues and subtitle."""
+    @property
+    def emotion(self) -> str:
+        """The record's label: the emotion, or "face/voice" for a conflict clip."""
+        return f"{self.face}/{self.voice}" if self.conflict else self.face
+
+
+def draw_emotions(rng: np.random.Generator, split: str, index: int) -> tuple[str, str]:
+    """(face, voice) emotions of a clip: held-out clips follow the fixed conflict schedule, others draw."""
+    if split == "heldout" and index % 3 == 0:
+        return HELDOUT_PAIRS[(index // 3) % len(HELDOUT_PAIRS)]
+    if split != "heldout" and rng.random() < CONFLICT_SHARE:
+        return TRAIN_PAIRS[rng.integers(len(TRAIN_PAIRS))]
     emotion = EMOTIONS[rng.integers(len(EMOTIONS))]
+    return emotion, emotion
+
+
+def sample_latents(rng: np.random.Generator, clip_id: str, emotions: tuple[str, str] | None = None) -> ClipLatents:
+    """Draw one clip's modalities, cues and subtitle for (face, voice) ``emotions`` (drawn as for training
+    when None). A conflict clip always has both modalities."""
+    face, voice = emotions if emotions is not None else draw_emotions(rng, "train", 0)
     modalities = list(MODALITY_WEIGHTS)
     has_video, has_audio = modalities[rng.choice(len(modalities), p=list(MODALITY_WEIGHTS.values()))]
-    visual_pool, audio_pool = VISUAL_BY_EMOTION[emotion], AUDIO_BY_EMOTION[emotion]
+    if face != voice:
+        has_video = has_audio = True
+    visual_pool, audio_pool = VISUAL_BY_EMOTION[face], AUDIO_BY_EMOTION[voice]
     visual = dict(visual_pool[rng.integers(len(visual_pool))])
     audio = dict(audio_pool[rng.integers(len(audio_pool))])
     subtitle = " ".join(
         pool[rng.integers(len(pool))] for pool in (_SUBJECTS, _VERBS, _OBJECTS, _TIMES)
     ) + "."
-    return ClipLatents(clip_id, emotion, visual if has_video else None, audio if has_audio else None, subtitle)
+    return ClipLatents(clip_id, face, voice, visual if has_video else None, audio if has_audio else None, subtitle)
 
 
 # ---------------------------------------------------------------- rendering
@@ -291,13 +335,19 @@ def auditory_cue_phrases(audio: Cues) -> list[str]:
 
 
 def emotional_cue_phrases(latents: ClipLatents) -> list[str]:
-    """The inference as atomic statements: the emotion and what points to it in each present modality."""
-    noun = _EMOTION_NOUN[latents.emotion]
-    phrases = [f"the person is most likely {latents.emotion}"]  # worded as the description hedges it
+    """The inference as atomic statements: the emotion and what points to it in each present modality;
+    for a conflict clip, each modality's emotion and the template naming both."""
+    if latents.conflict:
+        face, voice = _EMOTION_NOUN[latents.face], _EMOTION_NOUN[latents.voice]
+        return [f"{face} is suggested by {_VISUAL_REASON[latents.face]}",
+                f"{voice} is suggested by {_AUDIO_REASON[latents.voice]}",
+                f"the face suggests {face} while the voice suggests {voice}"]
+    noun = _EMOTION_NOUN[latents.face]
+    phrases = [f"the person is most likely {latents.face}"]  # worded as the description hedges it
     if latents.visual is not None:
-        phrases.append(f"{noun} is suggested by {_VISUAL_REASON[latents.emotion]}")
+        phrases.append(f"{noun} is suggested by {_VISUAL_REASON[latents.face]}")
     if latents.audio is not None:
-        phrases.append(f"{noun} is suggested by {_AUDIO_REASON[latents.emotion]}")
+        phrases.append(f"{noun} is suggested by {_AUDIO_REASON[latents.face]}")
     return phrases
 
 
@@ -305,23 +355,37 @@ def _join(phrases: Sequence[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + ", and " + phrases[-1]
 
 
+def _capital(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def conclusion(latents: ClipLatents) -> str:
+    """The description's closing inference (module docstring: the conflict template)."""
+    if latents.conflict:
+        face_reason, voice_reason, both = emotional_cue_phrases(latents)
+        return f"{_capital(face_reason)}, and {voice_reason}, so {both}."
+    reasons = []
+    if latents.visual is not None:
+        reasons.append(_VISUAL_REASON[latents.face])
+    if latents.audio is not None:
+        reasons.append(_AUDIO_REASON[latents.face])
+    noun = _EMOTION_NOUN[latents.face]
+    return (f"{_capital(noun)} is suggested by {' as well as '.join(reasons)}, "
+            f"so the person is most likely {latents.face}.")
+
+
 def describe(latents: ClipLatents) -> str:
     """The target description: video part, audio part, then the emotion inference."""
     parts = []
-    reasons = []
     if latents.visual is not None:
         parts.append(f"In the video, {_join(visual_cue_phrases(latents.visual))}.")
-        reasons.append(_VISUAL_REASON[latents.emotion])
     else:
         parts.append("The video is not available.")
     if latents.audio is not None:
         parts.append(f"In the audio, {_join(auditory_cue_phrases(latents.audio))}.")
-        reasons.append(_AUDIO_REASON[latents.emotion])
     else:
         parts.append("The audio is not available.")
-    noun = _EMOTION_NOUN[latents.emotion]
-    parts.append(f"{noun[0].upper()}{noun[1:]} is suggested by {' as well as '.join(reasons)}, "
-                 f"so the person is most likely {latents.emotion}.")
+    parts.append(conclusion(latents))
     return " ".join(parts)
 
 
@@ -359,6 +423,44 @@ def captions(latents: ClipLatents) -> list[str]:
     return out
 
 
+def _phrase_table(combos: Iterable[Cues], phrases) -> dict[tuple[str, ...], Cues]:
+    return {tuple(phrases(cues)): cues for cues in combos}
+
+
+_VISUAL_FROM_PHRASES = _phrase_table(_combinations(VISUAL_AXES), visual_cue_phrases)
+_AUDIO_FROM_PHRASES = _phrase_table((a for pool in AUDIO_BY_EMOTION.values() for a in pool), auditory_cue_phrases)
+
+
+def latents_from_cues(clip_id: str, visual: Sequence[str], auditory: Sequence[str]) -> ClipLatents:
+    """The latents of a clip whose frames show the ground-truth ``visual`` cue list and whose audio the
+    ``auditory`` one (an empty list: no such modality), read back through the rules; the subtitle is empty.
+
+    The swap evaluation pairs one clip's frames with another's audio from the records alone, this way.
+    """
+    if not visual and not auditory:
+        raise ValueError(f"{clip_id}: a clip needs visual or auditory cues")
+    try:
+        face_cues = _VISUAL_FROM_PHRASES[tuple(visual)] if visual else None
+        voice_cues = _AUDIO_FROM_PHRASES[tuple(auditory)] if auditory else None
+    except KeyError:
+        raise ValueError(f"{clip_id}: not a cue list this world writes: {list(visual)} / {list(auditory)}") from None
+    face = visual_emotion(face_cues) if face_cues is not None else None
+    voice = audio_emotion(voice_cues) if voice_cues is not None else None
+    return ClipLatents(clip_id, face or voice, voice or face, face_cues, voice_cues, "")
+
+
+def telltale_cues(emotion: str) -> dict[str, set[str]]:
+    """Per axis, the cues every face (voice) of ``emotion`` shows, i.e. what its rule requires.
+
+    A model that reads an emotion from one modality and describes the other from it states these; when
+    they are false of that other modality, that is a hallucination (``xemogpt_jax.faithfulness``).
+    """
+    return {
+        "visual": set.intersection(*(set(visual_cue_phrases(v)) for v in VISUAL_BY_EMOTION[emotion])),
+        "auditory": set.intersection(*(set(auditory_cue_phrases(a)) for a in AUDIO_BY_EMOTION[emotion])),
+    }
+
+
 # ---------------------------------------------------------------- records and CLI
 
 
@@ -370,7 +472,7 @@ def clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
 def make_clip(seed: int, split: str, index: int, frame_size: int = 64) -> tuple[ClipLatents, dict[str, Any]]:
     """One clip's latents and its schema record."""
     rng = clip_rng(seed, split, index)
-    latents = sample_latents(rng, f"synth_{split}_{index:05d}")
+    latents = sample_latents(rng, f"synth_{split}_{index:05d}", draw_emotions(rng, split, index))
     frames = render_frames(latents.visual, rng, frame_size) if latents.visual is not None else None
     audio = render_audio(latents.audio, rng) if latents.audio is not None else None
     record = schema.make_record(

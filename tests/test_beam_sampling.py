@@ -10,6 +10,7 @@ import torch
 from qwen_fixtures import EOS, padded_batch, save_tiny_hf
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from xemogpt_jax import loading
 from xemogpt_jax.generate import GenerationConfig, _beam_log_probs, generate
 from xemogpt_jax.models import qwen3_params
 
@@ -20,7 +21,7 @@ PAD = 0
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("qwen3_beam_sample")
     hf_model = save_tiny_hf("qwen3", out, seed=11)
-    model, _ = qwen3_params.load_hf(out)
+    model, _ = loading.from_hf(qwen3_params.hf_factory(out), out, qwen3_params.hf_key_map)
     return hf_model, model
 
 

@@ -9,8 +9,8 @@ import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from xemogpt_jax import sharding
-from xemogpt_jax.models import presets
+from xemogpt_jax import loading, sharding
+from xemogpt_jax.models import clip_params, presets
 from xemogpt_jax.models.clip import (
     CLIPConfig,
     CLIPEncoderLayer,
@@ -18,7 +18,7 @@ from xemogpt_jax.models.clip import (
     CLIPVisionConfig,
     CLIPVisionModel,
 )
-from xemogpt_jax.models.clip_params import hf_key_for, key_map, load_clip, load_clip_vision
+from xemogpt_jax.models.clip_params import hf_key_for, key_map
 
 TINY_VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
@@ -34,6 +34,14 @@ TINY_TEXT = dict(
     pad_token_id=0,
 )
 EOS = 98
+
+
+def load_clip(path):
+    return loading.from_hf(clip_params.hf_factory(path), path, clip_params.key_map)
+
+
+def load_clip_vision(path, mesh=None, dtype=None):
+    return loading.from_hf(clip_params.vision_factory(path, dtype=dtype), path, clip_params.vision_key_map, mesh)
 
 
 def tiny_hf_clip(eos_token_id: int) -> transformers.CLIPModel:

@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.command_fixtures import tiny_hf_folders
-from xemogpt_jax import checkpoint
+from tests.command_fixtures import stored_state, tiny_hf_folders
 from xemogpt_jax.models import qwen3_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,13 +86,13 @@ def test_checkpoints_flow_through_the_clis(world, tmp_path):
     )
     _finish(explained_import, stage3)
 
-    trained = checkpoint.restore_state_numpy(sft_run / "checkpoints")["model"]
+    trained = stored_state(sft_run / "checkpoints")["model"]
     embed = qwen3_params.hf_key_map("model.embed_tokens.weight").path
     reference = load_file(hf["llm"] / "model.safetensors")["model.embed_tokens.weight"]
     np.testing.assert_array_equal(_at(trained["llm"], embed), reference)
     for workdir, bridge, layers in ((video_run, "vecb", "visual_alignment_layer"),
                                     (audio_run, "aecb", "audio_alignment_layer")):
-        stage = checkpoint.restore_state_numpy(workdir / "checkpoints")["model"][bridge][layers]
+        stage = stored_state(workdir / "checkpoints")["model"][bridge][layers]
         jax.tree.map(np.testing.assert_array_equal, trained[bridge][layers], stage)
 
     _finish(_start("-m", "xemogpt_jax.infer", "--checkpoint", str(sft_run), "--video", str(VIDEO), *DECODE))

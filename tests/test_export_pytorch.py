@@ -59,7 +59,7 @@ def assert_same_params(ours: dict[str, np.ndarray], expected: dict[str, np.ndarr
         np.testing.assert_array_equal(ours[name], expected[name], err_msg=name)
 
 
-def export(checkpoint, out, fmt, dtype="fp32", mesh="1,-1,1"):
+def export(checkpoint, out, fmt, dtype="f32", mesh="1,-1,1"):
     args = ["--checkpoint", str(checkpoint), "--out", str(out), "--format", fmt, "--dtype", dtype, "--mesh", mesh]
     export_pytorch.main(args)
 
@@ -112,13 +112,13 @@ def test_import_of_hf_export_equals_the_merged_checkpoint(world, checkpoint, mes
     assert_same_params(params(again), params(expected))
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_xemogpt_export_reproduces_the_release_bit_for_bit_and_reimports(world, checkpoint, mesh, tmp_path, dtype):
     """Trainable parts only, release names, both files; bf16 equals the fp32 values rounded to bf16.
 
     The bf16 export restores onto a (2, 2, 2) mesh, so tensor-sharded slots are gathered one by one.
     """
-    export(checkpoint, tmp_path / "x", "xemogpt", dtype, mesh="1,-1,1" if dtype == "fp32" else "2,2,2")
+    export(checkpoint, tmp_path / "x", "xemogpt", dtype, mesh="1,-1,1" if dtype == "f32" else "2,2,2")
     want = release_state(world)
     if dtype == "bf16":
         want = {k: v.astype(ml_dtypes.bfloat16) for k, v in want.items()}
@@ -130,7 +130,7 @@ def test_xemogpt_export_reproduces_the_release_bit_for_bit_and_reimports(world, 
         for name, value in want.items():
             assert got[name].dtype == value.dtype and got[name].shape == value.shape, name
             np.testing.assert_array_equal(got[name].view(np.uint8), value.view(np.uint8), err_msg=name)
-    if dtype == "fp32":
+    if dtype == "f32":
         release = load_release_module(world, state=None)
         loaded = release.load_state_dict(torch.load(tmp_path / "x" / "xemogpt.ckpt", weights_only=True), strict=False)
         assert not loaded.unexpected_keys

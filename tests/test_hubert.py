@@ -11,10 +11,10 @@ import transformers
 from flax import nnx
 from safetensors.torch import save_file
 
-from xemogpt_jax import sharding
-from xemogpt_jax.models import hf_io, presets
+from xemogpt_jax import loading, sharding
+from xemogpt_jax.models import hf_io, hubert_params, presets
 from xemogpt_jax.models.hubert import HubertConfig, HubertEncoderLayer, HubertModel
-from xemogpt_jax.models.hubert_params import ENCODER_LAYER_RULES, load_hubert, make_key_map
+from xemogpt_jax.models.hubert_params import ENCODER_LAYER_RULES, make_key_map
 from xemogpt_jax.models.layers import key_mask_bias
 
 TINY = dict(
@@ -36,6 +36,10 @@ VARIANTS = {
     ),
 }
 LENGTHS = (1_600, 1_100, 1_337, 800)
+
+
+def load_hubert(path, mesh=None):
+    return loading.from_hf(hubert_params.hf_factory(path), path, hubert_params.hubert_key_map(), mesh)
 
 
 def tiny_hf_model(variant: str, seed: int = 0) -> transformers.HubertModel:

@@ -4,6 +4,7 @@ Every check compares against the PyTorch modules that hold the same weights (tra
 never against our own output.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
+from configs import sft
 from tests.weights_fixtures import (
     ALIGN,
     build_world,
@@ -20,7 +22,7 @@ from tests.weights_fixtures import (
     release_import,
     waveforms,
 )
-from xemogpt_jax import import_weights, run_config, sharding
+from xemogpt_jax import import_weights, prompt, run_config, sharding
 from xemogpt_jax.loading import load_model_checkpoint
 from xemogpt_jax.models import xemogpt_params
 
@@ -234,3 +236,16 @@ def test_peft_adapter_names_map_to_adapters():
     target = xemogpt_params.peft_key_map("base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight")
     assert (target.path, target.index) == (("llm", "layers", "self_attn", "q_proj", "lora_a"), 2)
     assert xemogpt_params.peft_key_map("model.layers.2.self_attn.q_proj.lora_A.weight") is None
+
+
+def test_a_model_spec_keeps_the_prompt_layout_its_config_sets():
+    """An imported (or exported) model reads prompts as the run it came from: audio window, context cut, buckets."""
+    config = sft.get_config("tiny")
+    config.data.max_audio_seconds, config.data.truncate = 1.0, "head"
+    stored = json.loads(json.dumps(run_config.model_spec(config).to_json()))
+    model = run_config.xemogpt_config(xemogpt_params.ModelSpec.from_json(stored).run_config())
+    assert (model.max_audio_samples, model.max_context, model.truncate) == (16_000, config.data.max_context, "head")
+    assert model.max_context != prompt.MAX_CONTEXT, "the tiny config's context must differ from the default to tell"
+    unset = xemogpt_params.ModelSpec.from_json({**stored, "prompt_layout": {}})
+    release = run_config.xemogpt_config(unset.run_config())
+    assert (release.max_audio_samples, release.max_context) == (12 * 16_000, prompt.MAX_CONTEXT)

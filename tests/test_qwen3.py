@@ -13,7 +13,7 @@ from flax import nnx
 from qwen_fixtures import hf_positions, padded_batch, save_tiny_hf
 from safetensors.numpy import load_file
 
-from xemogpt_jax import sharding
+from xemogpt_jax import loading, sharding
 from xemogpt_jax.models import lora, presets, qwen3_params
 from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
@@ -22,7 +22,7 @@ from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 def hf_dir(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     hf_model = save_tiny_hf(request.param, out)
-    model, report = qwen3_params.load_hf(out)
+    model, report = loading.from_hf(qwen3_params.hf_factory(out), out, qwen3_params.hf_key_map)
     return request.param, out, hf_model, model, report
 
 
@@ -76,7 +76,7 @@ def test_export_inverts_the_key_map(hf_dir):
 def test_forward_on_fsdp_tensor_mesh_equals_single_device(hf_dir, devices):
     _, path, _, single, _ = hf_dir
     mesh = sharding.make_mesh((1, 2, 4))
-    sharded, _ = qwen3_params.load_hf(path, mesh=mesh)
+    sharded, _ = loading.from_hf(qwen3_params.hf_factory(path), path, qwen3_params.hf_key_map, mesh)
     kernel = sharded.layers.mlp.gate_proj.kernel.get_value()
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     ids, mask = padded_batch([8, 5, 6, 2], 8, left=True, seed=2)

@@ -91,3 +91,21 @@ def test_renders_in_headless_chromium(tmp_path):
     assert len(np.unique(pixels, axis=0)) > 50
     assert (pixels == BAR_RGB).all(1).sum() > 100, "the SVG bar plot did not render"
     assert (pixels == FRAME_RGB).all(1).sum() > 1000, "the inlined frames did not render"
+
+
+def test_faithfulness_page_marks_each_cue_and_shows_the_frame_strip():
+    frames = np.zeros((16, 32, 32, 3), np.uint8) + np.array(FRAME_RGB, np.uint8)
+    marks = {"visual": [("the person is smiling", "hallucinated"), ("the brows are <raised>", "right")],
+             "auditory": [("the voice is loud", "wrong")], "emotional": []}
+    missed = {"visual": ["the eyes are wide"], "auditory": [], "emotional": []}
+    section = report.verdict_section("clip_1+audio:clip_2", "swap (a)", frames, "He smiles & laughs.", marks, missed)
+    assert section.count('src="data:image/png;base64,') == report.STRIP_FRAMES
+    assert '<tr class="cue verdict-hallucinated"><td>the person is smiling</td>' in section
+    assert '<tr class="cue verdict-right"><td>the brows are &lt;raised&gt;</td>' in section
+    assert '<tr class="cue verdict-wrong"><td>the voice is loud</td>' in section
+    assert '<tr class="cue verdict-missed"><td>the eyes are wide</td>' in section
+    assert "He smiles &amp; laughs." in section and "no cues" in section  # the emotional axis is empty
+    tables = {"stages 1-2-3": ({"conflict clips": [0.5, None]}, {"conflict clips": 3})}
+    page = report.faithfulness_page("demo", ("F1 vis", "halluc aud"), tables, [section])
+    assert '<tr><td>conflict clips (3)</td><td class="num">0.500</td><td class="num">-</td></tr>' in page
+    assert page.index("<table>") < page.index(section) and "<script" not in page

@@ -127,6 +127,43 @@ def test_streamed_chunks_join_to_the_same_text_and_logprobs(client, infer_record
     assert chunks[-1].usage.completion_tokens == infer_record["generated_tokens"]
 
 
+def test_stream_delivers_a_chunk_while_the_decode_is_still_running(client, server, monkeypatch, infer_record):
+    """The decode is held inside its step callback at the first token that makes visible text, until the
+    client has that text: a stream built from the finished answer could only deliver it after the decode
+    returned, so the hold would run out (120 s) and the order below would be reversed."""
+    real, shown, order = server.batcher.model, threading.Event(), []
+
+    class HeldAtFirstText:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def explain_generations(self, clips, decoding, top_logprobs=0, on_token=None):
+            ids = []
+
+            def held(row, token, *rest):
+                on_token(row, token, *rest)
+                ids.append(token)
+                if not shown.is_set() and real.decode(ids, ()) and not real.decode(ids, ()).endswith("\ufffd"):
+                    shown.wait(120)
+
+            generations = real.explain_generations(clips, decoding, top_logprobs, held)
+            order.append("decode returned")
+            return generations
+
+    monkeypatch.setattr(server.batcher, "model", HeldAtFirstText())
+    video, _ = shared_clip()
+    parts = [{"type": "video_url", "video_url": {"url": video.as_uri()}}, clip_parts()[1], clip_parts()[2]]
+    pieces = []
+    for chunk in ask(client, parts, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            if not pieces:
+                order.append("first text received")
+                shown.set()
+            pieces.append(chunk.choices[0].delta.content)
+    assert order == ["first text received", "decode returned"]
+    assert "".join(pieces) == infer_record["explanation"]
+
+
 def test_file_url_under_media_root_and_explain_upload(client, server, infer_record):
     video, wav = shared_clip()
     parts = [{"type": "video_url", "video_url": {"url": video.as_uri()}}, clip_parts()[1], clip_parts()[2]]

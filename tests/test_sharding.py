@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from xemogpt_jax import sharding
+from xemogpt_jax import loading, sharding
 from xemogpt_jax.models.layers import Linear
 
 
@@ -29,12 +29,19 @@ def test_logical_rules_map_to_mesh_axes():
         sharding.logical_to_spec(("no_such_axis",))
 
 
-def test_create_sharded_places_params_by_their_axes(devices):
+def initialised(factory, mesh):
+    """A model built abstractly and initialised in its shardings, as the loader does for unset parameters."""
+    model = nnx.eval_shape(factory)
+    loading.init_unset(model, factory, mesh)
+    return model
+
+
+def test_initialisation_places_params_by_their_axes(devices):
     mesh = sharding.make_mesh((2, 2, 2))
-    layer = sharding.create_sharded(lambda: Linear(16, 6, axes=("embed", "mlp"), rngs=nnx.Rngs(0)), mesh)
+    layer = initialised(lambda: Linear(16, 6, axes=("embed", "mlp"), rngs=nnx.Rngs(0)), mesh)
     assert layer.kernel[...].sharding.spec == P("fsdp", "tensor")
     # A dimension the mesh axis does not divide stays replicated:
-    odd = sharding.create_sharded(lambda: Linear(16, 5, axes=("embed", "mlp"), rngs=nnx.Rngs(0)), mesh)
+    odd = initialised(lambda: Linear(16, 5, axes=("embed", "mlp"), rngs=nnx.Rngs(0)), mesh)
     assert odd.kernel[...].sharding.spec == P("fsdp", None)
     reference = Linear(16, 6, axes=("embed", "mlp"), rngs=nnx.Rngs(0))
     np.testing.assert_allclose(np.asarray(layer.kernel[...]), np.asarray(reference.kernel[...]), atol=1e-6)

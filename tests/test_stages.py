@@ -82,7 +82,8 @@ def test_video_bridge_on_8_devices_keeps_each_sample_its_own_attention(devices):
     expected = np.asarray(jax.jit(lambda model, x: model(x))(vecb, frames))
     mesh = sharding.make_mesh((2, 2, 2))
     with jax.set_mesh(mesh):
-        sharded = sharding.shard_model(vecb, mesh)
+        graphdef, state = nnx.split(vecb)
+        sharded = nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh)))
         split_features = jax.device_put(frames, jax.NamedSharding(mesh, jax.P(None, None, "tensor")))
         replicated = jax.NamedSharding(mesh, jax.P())
         got = jax.jit(lambda model, x: model(x), out_shardings=replicated)(sharded, split_features)

@@ -1,5 +1,6 @@
 """The synthetic cue world: deterministic, rule-consistent, and its cues are really in the pixels and samples."""
 
+import itertools
 import json
 import shutil
 
@@ -71,16 +72,16 @@ def test_a_world_is_current_only_for_its_own_arguments_and_generator_version(wor
 
 
 def test_emotion_and_cue_lists_follow_the_rules_from_the_latents():
-    seen_emotions, seen_modalities = set(), set()
-    for index in range(400):
+    seen_emotions, seen_modalities, conflicts = set(), set(), 0
+    for index in range(600):
         latents = synth.sample_latents(synth.clip_rng(7, "rules", index), f"c{index}")
-        seen_emotions.add(latents.emotion)
+        seen_emotions.add(latents.face)
         seen_modalities.add((latents.visual is not None, latents.audio is not None))
         assert latents.visual is not None or latents.audio is not None
         if latents.visual is not None:
-            assert expected_emotion_from_face(latents.visual) == latents.emotion
+            assert expected_emotion_from_face(latents.visual) == latents.face
         if latents.audio is not None:
-            assert expected_emotion_from_voice(latents.audio) == latents.emotion
+            assert expected_emotion_from_voice(latents.audio) == latents.voice
             assert not (latents.audio["laughter"] == "laughing" and latents.audio["tremor"] == "trembling")
         cues = synth.cue_lists(latents)
         description = synth.describe(latents)
@@ -101,10 +102,36 @@ def test_emotion_and_cue_lists_follow_the_rules_from_the_latents():
             assert ("the voice is trembling" in cues["auditory"]) == (a["tremor"] == "trembling")
             assert "In the audio, " in description
         assert not any("text" in cue for cue in cues["auditory"])  # EmoCue-360 drops those
-        assert cues["emotional"][0] == f"the person is most likely {latents.emotion}"
-        assert description.endswith(f"the person is most likely {latents.emotion}.")
+        if latents.face != latents.voice:
+            conflicts += 1
+            assert latents.visual is not None and latents.audio is not None
+            face, voice = NOUN[latents.face], NOUN[latents.voice]
+            template = f"the face suggests {face} while the voice suggests {voice}"
+            assert cues["emotional"][-1] == template
+            assert description.endswith(f", so {template}.")
+            assert {latents.face, latents.voice} not in [set(pair) for pair in UNSEEN]
+        else:
+            assert cues["emotional"][0] == f"the person is most likely {latents.face}"
+            assert description.endswith(f"the person is most likely {latents.face}.")
     assert seen_emotions == set(synth.EMOTIONS)
     assert seen_modalities == {(True, True), (True, False), (False, True)}
+    assert 0.28 < conflicts / 600 < 0.39  # about a third
+
+
+NOUN = {"happy": "happiness", "sad": "sadness", "angry": "anger", "surprised": "surprise", "worried": "worry",
+        "neutral": "a calm state"}
+UNSEEN = [("happy", "worried"), ("sad", "surprised"), ("angry", "neutral")]
+
+
+def test_heldout_conflicts_cover_every_pair_and_training_never_shows_the_unseen_ones():
+    heldout = [synth.draw_emotions(synth.clip_rng(0, "heldout", i), "heldout", i) for i in range(45)]
+    conflicts = [pair for pair in heldout if pair[0] != pair[1]]
+    assert [i for i, pair in enumerate(heldout) if pair[0] != pair[1]] == list(range(0, 45, 3))
+    assert {frozenset(pair) for pair in conflicts} == {frozenset(p) for p in itertools.combinations(
+        ["happy", "sad", "angry", "surprised", "worried", "neutral"], 2)}
+    train = {synth.draw_emotions(synth.clip_rng(0, "train", i), "train", i) for i in range(3000)}
+    assert not {frozenset(pair) for pair in train} & {frozenset(pair) for pair in UNSEEN}
+    assert len({pair for pair in train if pair[0] != pair[1]}) == 30 - 6  # every other ordered pair occurs
 
 
 def test_records_and_ground_truth_json_agree(world):
@@ -116,7 +143,7 @@ def test_records_and_ground_truth_json_agree(world):
         for record in records:
             assert ground_truth[record["clip_id"]] == record["cues"]
             assert record["split"] == split
-            assert record["emotion"] in record["description"]
+            assert all(NOUN[emotion] in record["description"].lower() for emotion in record["emotion"].split("/"))
             if record["has_video"]:
                 assert record["frames"].shape == (16, 16, 16, 3)
                 assert record["captions"][0].startswith("A ") and "face" in record["captions"][0]
@@ -130,9 +157,9 @@ def _face(**overrides):
     return {**cues, **overrides}
 
 
-def _mouth_rows(frame):
-    """Row of the mouth's centre line, at the face's middle column and near its corners."""
-    mouth = (np.abs(frame.astype(int) - [130, 25, 40]).sum(-1) < 40)
+def _mouth_rows(frame, gain=1.0):
+    """Row of the mouth's centre line, at the face's middle column and near its corners (``gain``: lighting)."""
+    mouth = (np.abs(frame.astype(int) - gain * np.array([130, 25, 40])).sum(-1) < 40 * gain)
     ys, xs = np.nonzero(mouth)
     middle = ys[np.abs(xs - xs.mean()) <= 1].mean()
     corners = ys[np.abs(xs - xs.mean()) >= 0.7 * np.abs(xs - xs.mean()).max()].mean()
@@ -228,3 +255,43 @@ def test_tokenizer_folder_loads_with_auto_tokenizer_and_round_trips(world):
         assert tokenizer.decode(ids) == text
     # trained on this world's text, so a description takes few tokens per word
     assert len(tokenizer.encode(description, add_special_tokens=False)) < 1.5 * len(description.split())
+
+
+def laughter_flatness(samples, rate=16000):
+    """Highest spectral flatness over 0.2 s windows: breathy laughter is noise-like (flat), voiced speech is not."""
+    window = rate // 5
+    flatness = []
+    for start in range(0, len(samples) - window, window // 2):
+        power = np.abs(np.fft.rfft(samples[start:start + window].astype(np.float64) * np.hanning(window))) ** 2
+        power = power[(np.fft.rfftfreq(window, 1 / rate) > 80) & (np.fft.rfftfreq(window, 1 / rate) < 4000)] + 1e-9
+        flatness.append(np.exp(np.log(power).mean()) / power.mean())
+    return max(flatness)
+
+
+def test_laughter_is_measurable():
+    rng = lambda: np.random.default_rng(2)  # noqa: E731
+    laughing = synth.render_audio(_voice(laughter="laughing", rate="fast"), rng())
+    plain = synth.render_audio(_voice(rate="fast"), rng())
+    assert laughter_flatness(laughing) > 3 * laughter_flatness(plain)
+
+
+def test_conflict_clips_carry_two_emotions_in_pixels_and_spectrum():
+    """Held-out clips 0 and 45 pair a happy face with a sad voice and the reverse (module docstring)."""
+    _, happy_face = synth.make_clip(0, "heldout", 0)
+    _, sad_face = synth.make_clip(0, "heldout", 45)
+    assert happy_face["emotion"] == "happy/sad" and sad_face["emotion"] == "sad/happy"
+    def gain(record):
+        return 0.45 if "the lighting is dim" in record["cues"]["visual"] else 1.0
+
+    middle, corners = _mouth_rows(happy_face["frames"][0], gain(happy_face))
+    assert middle > corners + 2  # a smile: the face is happy, whatever else it shows
+    middle, corners = _mouth_rows(sad_face["frames"][0], gain(sad_face))
+    assert middle < corners - 2  # a frown: not happy
+    # only the voice paired with the sad face laughs: it is happy
+    assert laughter_flatness(sad_face["audio"]) > 3 * laughter_flatness(happy_face["audio"])
+    # the sad voice by the rules: no laughter and soft, slow speech (shown by the envelope's rate and level)
+    envelope = np.abs(happy_face["audio"].astype(np.float64))
+    envelope = envelope[: len(envelope) // 160 * 160].reshape(-1, 160).mean(1)
+    spectrum = np.abs(np.fft.rfft(envelope - envelope.mean()))
+    assert 2.0 <= np.fft.rfftfreq(len(envelope), 1 / 100)[np.argmax(spectrum)] <= 3.0
+    assert np.abs(happy_face["audio"]).max() < 0.1 * 32767

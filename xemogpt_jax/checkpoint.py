@@ -117,6 +117,14 @@ class Checkpointer:
         self.manager.close()
 
 
+def checkpoint_directory(path: str | Path) -> Path:
+    """A trainer workdir or its ``checkpoints/`` folder -> the folder the Orbax manager owns."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is not a directory")
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
 def _manager(directory: str | Path, state_handler: Any = None) -> ocp.CheckpointManager:
     handlers = _handlers() if state_handler is None else {**_handlers(), STATE: state_handler}
     return ocp.CheckpointManager(resolve(directory), item_handlers=handlers)
@@ -159,15 +167,6 @@ def restore_state_part(directory: str | Path, target: dict[str, Any], step: int 
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         )
         return manager.restore(_step(manager, directory, step), args=ocp.args.Composite(**{STATE: args}))[STATE]
-
-
-def restore_state_numpy(directory: str | Path, step: int | None = None) -> dict[str, Any]:
-    """The ``state`` item as a nested dict of host numpy arrays, whatever mesh wrote it (for inspection)."""
-    on_host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_host), state_metadata(directory, step)
-    )
-    return jax.tree.map(np.asarray, restore_state_part(directory, target, step))
 
 
 def gather_process_strings(text: str) -> list[str]:

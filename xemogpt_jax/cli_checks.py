@@ -99,7 +99,7 @@ class Problems:
             return None
         from xemogpt_jax import checkpoint
 
-        directory = checkpoint_folder(path)
+        directory = checkpoint.checkpoint_directory(path)
         steps = checkpoint.steps(directory)
         if not steps:
             self.add(flag, f"{path} holds no checkpoint; expected a trainer workdir, its checkpoints/ folder "
@@ -130,12 +130,6 @@ class Problems:
                 self.add(flag, f"the run config of {path} names init_from.{key}={source}, which no longer exists "
                                "(weights not in the checkpoint are read from it)")
         return stored
-
-
-def checkpoint_folder(path: str | Path) -> Path:
-    """A trainer workdir or its ``checkpoints/`` folder -> the folder the Orbax manager owns."""
-    path = Path(path)
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
 def command(main: Main) -> Main:

@@ -2,10 +2,13 @@
 
 1. generate the synthetic world (records, ground-truth cues, tokenizer) unless it is already there;
 2. stage 1 (VECB) and stage 2 (AECB) on the tiny configs, then stage 3 initialised from both;
-3. explain the held-out clips with the trained model (greedy decoding), extract cues with the ``rules``
-   extractor and score them with EmoCue-360 against the world's ground-truth cues;
-4. print a short report (losses per stage, sample explanations, EmoCue-360 table with exact cue recall, a
-   chance row, the visual cues named from the frames alone, wall time).
+3. explain the held-out clips with the trained model (greedy decoding), and again with their audio, then
+   their frames, swapped for another held-out clip's of a different emotion (:mod:`xemogpt_jax.faithfulness`);
+   extract cues with the ``rules`` extractor and score them against the world's ground-truth cues;
+4. print a short report (losses per stage, sample explanations, wall time and one table: rows normal clips,
+   conflict clips, swap (a), swap (b) and a chance row; columns EmoCue-360 F1, exact cue recall and the
+   hallucination rate per axis) and write ``report.html`` (the tables, then conflict and swap clips with
+   their frames and each stated cue marked right, hallucinated or wrong).
 
 ``--ablate-pretraining`` also trains stage 3 from scratch (no stage 1-2 bridges or towers, same steps)
 and scores it the same way, for the "with vs without stages 1-2" comparison (about 1.5x the time).
@@ -34,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="demo_out", help="world, stage workdirs and the report go here")
     parser.add_argument("--clips", type=int, default=800, help="clips in the synthetic world (10%% held out)")
     parser.add_argument("--steps", default="1000,300,800", help="train steps of stages 1, 2 and 3")
-    parser.add_argument("--eval-clips", type=int, default=64, help="held-out clips to explain and score")
+    parser.add_argument("--eval-clips", type=int, default=64,
+                        help="held-out clips to explain and score (their audio and frame swaps are added)")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
     parser.add_argument("--ablate-pretraining", action="store_true",
@@ -59,7 +63,7 @@ def stage_config(module: Any, world: Path, steps: int) -> ml_collections.ConfigD
     return config
 
 
-OUTPUTS = ("world", "stage1", "stage2", "stage3", "stage3_scratch", "report.txt", "explanations.json")
+OUTPUTS = ("world", "stage1", "stage2", "stage3", "stage3_scratch", "report.txt", "report.html", "explanations.json")
 
 
 def clear(root: Path) -> None:
@@ -97,25 +101,6 @@ def chance_cues(ground_truth: dict[str, Any], names: list[str]) -> dict[str, Any
     return {name: ground_truth[names[(i + 1) % len(names)]] for i, name in enumerate(names)}
 
 
-def exact_cue_recall(predicted: dict[str, Any], ground_truth: dict[str, Any]) -> dict[str, float]:
-    """Per axis, the share of true cues an explanation states word for word (case and full stops aside).
-
-    Stricter than EmoCue-360, whose sentence embeddings put "the pitch is rising" close to "the pitch is
-    falling": this line shows whether the model perceived the cue, not only how it phrased it.
-    """
-    def normal(cue: str) -> str:
-        return cue.strip().rstrip(".").lower()
-
-    found: dict[str, list[float]] = {}
-    for name, truth in ground_truth.items():
-        if name not in predicted:
-            continue
-        for axis, cues in truth.items():
-            said = {normal(c) for c in predicted[name].get(axis, [])}
-            found.setdefault(axis, []).extend(normal(c) in said for c in cues)
-    return {axis: sum(hits) / len(hits) for axis, hits in found.items() if hits}
-
-
 def explain(model: Any, clips: list[Any], max_new_tokens: int) -> dict[str, str]:
     """Greedy explanations of ``clips``, eight at a time, by clip id."""
     from xemogpt_jax import explainer
@@ -128,25 +113,83 @@ def explain(model: Any, clips: list[Any], max_new_tokens: int) -> dict[str, str]
     return texts
 
 
-def evaluate(stage3: Path, world: Path, count: int, max_new_tokens: int,
-             frames_only: bool = False) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
-    """Explanations of held-out clips, the cue lists the ``rules`` extractor takes from them, and (with
-    ``frames_only``) the cue lists of the clips with video explained again with their audio withheld.
+@dataclasses.dataclass
+class Evaluation:
+    """One model's explanations of the held-out clips and of their swaps, the cues taken from them, the
+    ground truth of every explained clip, the clip ids of each table row and the clips' frames."""
 
-    In this world a clip's modalities always agree, so a model could name visual cues from the voice
-    instead of seeing them; the frames-only pass shows what it sees.
-    """
-    from xemogpt_jax import explainer
+    texts: dict[str, str]
+    cues: dict[str, Any]
+    truth: dict[str, Any]
+    rows: dict[str, list[str]]
+    frames: dict[str, Any]
+
+
+ROW_NAMES = {"normal": "normal clips", "conflict": "conflict clips",
+             "swap (a)": "swap (a): audio replaced", "swap (b)": "swap (b): frames replaced"}
+
+
+def evaluate(stage3: Path, world: Path, count: int, max_new_tokens: int) -> Evaluation:
+    """Explain the first ``count`` held-out clips and their swaps (:mod:`xemogpt_jax.faithfulness`: each
+    agreeing audio+video clip with another clip's audio, then with another clip's frames), extract cues
+    with the ``rules`` extractor and group them into the table's rows."""
+    from xemogpt_jax import explainer, faithfulness
     from xemogpt_jax.cue_extraction import rules_cues
 
+    ground_truth = json.loads((world / "heldout_cues.json").read_text())
+    clips = {clip.clip_id: clip for clip in heldout_clips(world, count)}
+    names = list(clips)
+    truth = {name: ground_truth[name] for name in names}
+    rows = {ROW_NAMES[group]: members for group, members in faithfulness.groups(ground_truth, names).items()}
+    inputs = list(clips.values())
+    for row, replace in faithfulness.SWAPS.items():
+        made = faithfulness.swaps(ground_truth, names, replace)
+        rows[ROW_NAMES[row]] = [swap.name for swap in made]
+        for swap in made:
+            seen = clips[swap.frames_from]  # its frames and subtitle, the other clip's audio
+            inputs.append(dataclasses.replace(seen, clip_id=swap.name, audio=clips[swap.audio_from].audio))
+            truth[swap.name] = faithfulness.swap_truth(swap, ground_truth)
     model = explainer.load(stage3, tokenizer=world / "tokenizer")
-    clips = heldout_clips(world, count)
-    texts = explain(model, clips, max_new_tokens)
-    silent = [dataclasses.replace(c, audio=None) for c in clips if c.frames is not None] if frames_only else []
-    seen = explain(model, silent, max_new_tokens)
+    texts = explain(model, inputs, max_new_tokens)
     cues = {name: rules_cues(text) for name, text in texts.items()}
-    seen_cues = {name: rules_cues(text) for name, text in seen.items()}
-    return texts, cues, seen_cues
+    frames = {clip.clip_id: clip.frames for clip in inputs if clip.frames is not None}
+    return Evaluation(texts, cues, truth, rows, frames)
+
+
+def faithfulness_table(evaluation: Evaluation, embed: Any) -> tuple[dict[str, list], dict[str, int]]:
+    """The table's cells and clip counts per row, plus a chance row (each normal clip scored with another
+    normal clip's true cues)."""
+    from xemogpt_jax import emocue360, faithfulness
+
+    cells, counts = {}, {}
+    normal = evaluation.rows[ROW_NAMES["normal"]]
+    chance = chance_cues(evaluation.truth, normal)
+    for row, members in [*evaluation.rows.items(), ("chance (normal clips)", normal)]:
+        predicted = chance if row.startswith("chance") else {name: evaluation.cues[name] for name in members}
+        truth = {name: evaluation.truth[name] for name in members}
+        f1 = emocue360.score(predicted, truth, embed)["axes"]
+        cells[row], counts[row] = faithfulness.table_row(f1, predicted, truth), len(members)
+    return cells, counts
+
+
+EXAMPLES_PER_ROW = 3
+
+
+def html_report(evaluations: dict[str, Evaluation], tables: dict[str, tuple[dict[str, list], dict[str, int]]]) -> str:
+    """The tables, then a few conflict and swap clips of the main run with frames and each cue marked."""
+    from xemogpt_jax import faithfulness, report
+
+    main_run = evaluations["stages 1-2-3"]
+    sections = []
+    for row, members in main_run.rows.items():
+        if row == ROW_NAMES["normal"]:
+            continue
+        for name in members[:EXAMPLES_PER_ROW]:
+            truth = main_run.truth[name]
+            marks = faithfulness.verdicts(name, main_run.cues[name], truth)
+            sections.append(report.verdict_section(name, row, main_run.frames.get(name), main_run.texts[name],
+                                                   marks, faithfulness.missed(main_run.cues[name], truth)))
+    return report.faithfulness_page("XEmoGPT demo: faithful to each modality", faithfulness.COLUMNS, tables, sections)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,20 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] {name}: {config.train.steps} steps -> {workdir}", flush=True)
         trainer.run(config, workdir, stages.task_for(config))
 
-    from xemogpt_jax import emocue360
+    from xemogpt_jax import emocue360, faithfulness
 
-    print("[demo] explaining held-out clips and scoring them with EmoCue-360", flush=True)
-    texts, predicted, frames_only = evaluate(runs["stage 3 (SFT)"], world, args.eval_clips, args.max_new_tokens,
-                                             frames_only=True)
-    ground_truth = json.loads((world / "heldout_cues.json").read_text())
-    tables = {"stages 1-2-3": predicted}
+    print("[demo] explaining held-out clips and their swaps, scoring them", flush=True)
+    models = {"stages 1-2-3": runs["stage 3 (SFT)"]}
     if args.ablate_pretraining:
-        tables["stage 3 only (no stages 1-2, same stage-3 steps)"] = evaluate(
-            runs["stage 3 w/o 1-2"], world, args.eval_clips, args.max_new_tokens
-        )[1]
-    tables["chance (each clip scored with another clip's true cues)"] = chance_cues(ground_truth, list(texts))
+        models["stage 3 only (no stages 1-2, same stage-3 steps)"] = runs["stage 3 w/o 1-2"]
+    evaluations = {name: evaluate(workdir, world, args.eval_clips, args.max_new_tokens)
+                   for name, workdir in models.items()}
     embed = emocue360.jax_embedder(emocue360.default_embedder_dir())
-    scores = {name: emocue360.score(cues, ground_truth, embed) for name, cues in tables.items()}
+    tables = {name: faithfulness_table(evaluation, embed) for name, evaluation in evaluations.items()}
 
     lines = ["", "=" * 72, "XEmoGPT demo report (synthetic cue world, tiny models, CPU)", "=" * 72]
     for name, workdir in runs.items():
@@ -205,27 +244,24 @@ def main(argv: list[str] | None = None) -> int:
         shown = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         lines.append(f"{name:<16} train loss {shown(first)} -> {shown(last)}   held-out loss {shown(evaluated)}")
     lines.append("")
-    for clip_id, text in list(texts.items())[:3]:
-        lines.append(f"[{clip_id}] generated: {text.strip()[:400]}")
-        truth = ground_truth.get(clip_id, {})
-        lines.append(f"[{clip_id}] true cues: {json.dumps(truth)[:400]}")
+    main_run = evaluations["stages 1-2-3"]
+    for members in main_run.rows.values():
+        for clip_id in members[:1]:
+            lines.append(f"[{clip_id}] generated: {main_run.texts[clip_id].strip()[:400]}")
+            lines.append(f"[{clip_id}] true cues: {json.dumps(main_run.truth[clip_id])[:400]}")
+            lines.append("")
+    for name, (cells, counts) in tables.items():
+        lines.append(f"held-out clips, {name} (rules cue extractor; F1: EmoCue-360; exact: exact cue recall; "
+                     "halluc: hallucination rate):")
+        lines.append(faithfulness.format_table(cells, counts))
         lines.append("")
-    for name, result in scores.items():
-        lines.append(f"EmoCue-360 on {len(texts)} held-out clips (rules cue extractor), {name}:")
-        lines.append(emocue360.format_table(result))
-        recall = exact_cue_recall(tables[name], ground_truth)
-        lines.append("exact cue recall (stated word for word): "
-                     + ", ".join(f"{axis} {value:.3f}" for axis, value in recall.items()))
-        lines.append("")
-    seen = exact_cue_recall(frames_only, ground_truth)["visual"]
-    lines.append(f"visual cues of the {len(frames_only)} clips with video, exact recall: {seen:.3f} from the frames "
-                 f"alone (audio withheld), {exact_cue_recall(predicted, ground_truth)['visual']:.3f} with their audio")
-    lines.append("")
     lines.append(f"total wall time {time.perf_counter() - start:.0f} s")
-    report = "\n".join(lines)
-    print(report)
-    (root / "report.txt").write_text(report + "\n")
-    (root / "explanations.json").write_text(json.dumps(texts, indent=1))
+    text = "\n".join(lines)
+    print(text)
+    (root / "report.txt").write_text(text + "\n")
+    (root / "explanations.json").write_text(json.dumps(main_run.texts, indent=1))
+    (root / "report.html").write_text(html_report(evaluations, tables), encoding="utf-8")
+    print(f"[demo] wrote {root / 'report.txt'} and {root / 'report.html'}", flush=True)
     return 0
 
 

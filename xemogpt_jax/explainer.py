@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from data_pipelines import media, schema
 from xemogpt_jax import loading, prompt, run_config, sharding
-from xemogpt_jax.generate import GenerationConfig, generate_scored
+from xemogpt_jax.generate import GenerationConfig, OnStep, Step, generate_scored
 from xemogpt_jax.models import lora as lora_lib
 from xemogpt_jax.models import qwen3_params
 from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig
@@ -38,6 +38,8 @@ from xemogpt_jax.preprocessing import audio as audio_pre
 from xemogpt_jax.preprocessing import image as image_pre
 
 Messages = Sequence[dict[str, str]]
+# (row, token id, its log-prob, the step's top (id, log-prob) pairs): each answer token as it is decoded, before EOS
+OnToken = Callable[[int, int, float, list[tuple[int, float]]], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,11 +207,12 @@ class Explainer:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def _generate(self, embeds: jax.Array, attention_mask: np.ndarray, prompt_tokens: Sequence[int],
-                  decoding: Decoding, top_logprobs: int) -> list[Generation]:
+                  decoding: Decoding, top_logprobs: int, on_token: OnToken | None = None) -> list[Generation]:
         config = dataclasses.replace(self.generation_config(decoding), top_logprobs=top_logprobs)
+        on_step = None if on_token is None else _answer_tokens(on_token, len(prompt_tokens), config.eos_token_id)
         out = jax.device_get(generate_scored(
             self.model.llm, inputs_embeds=embeds, attention_mask=jnp.asarray(attention_mask), config=config,
-            rng=jax.random.key(decoding.seed),
+            rng=jax.random.key(decoding.seed), on_step=on_step,
         ))
         results = []
         for row, prompt_length in enumerate(prompt_tokens):
@@ -266,8 +269,9 @@ class Explainer:
         return [g.text for g in self.explain_generations(clips, decoding)]
 
     def explain_generations(self, clips: Sequence[Clip], decoding: Decoding = Decoding(),
-                            top_logprobs: int = 0) -> list[Generation]:
-        """:meth:`explain` with token ids, log-probs (and ``top_logprobs`` alternatives per step) and counts."""
+                            top_logprobs: int = 0, on_token: OnToken | None = None) -> list[Generation]:
+        """:meth:`explain` with token ids, log-probs (and ``top_logprobs`` alternatives per step) and counts;
+        ``on_token`` (one beam only) gets each clip's answer tokens as they are decoded."""
         if not clips:
             return []
         rows = _power_of_two(len(clips))
@@ -280,7 +284,7 @@ class Explainer:
             self._state, jnp.asarray(batch["token_ids"]), jnp.asarray(batch["kind"]),
             jnp.asarray(batch["feature_index"]), frames, audio, audio_mask,
         )
-        return self._generate(embeds, batch["attention_mask"], lengths, decoding, top_logprobs)
+        return self._generate(embeds, batch["attention_mask"], lengths, decoding, top_logprobs, on_token)
 
     def score(self, clips: Sequence[Clip], answers: Sequence[str]) -> list[Score]:
         """Teacher-forced log-likelihood of ``answers[i]`` (then EOS) after clip ``i``'s prompt; one forward pass.
@@ -341,8 +345,8 @@ class Explainer:
         return [g.text for g in self.chat_generations(conversations, decoding)]
 
     def chat_generations(self, conversations: Sequence[Messages], decoding: Decoding,
-                         top_logprobs: int = 0) -> list[Generation]:
-        """:meth:`chat` with token ids, log-probs and counts."""
+                         top_logprobs: int = 0, on_token: OnToken | None = None) -> list[Generation]:
+        """:meth:`chat` with token ids, log-probs and counts (``on_token`` as in :meth:`explain_generations`)."""
         if not conversations:
             return []
         pad = int(self.tokenizer.pad_token_id)
@@ -359,7 +363,7 @@ class Explainer:
             ids[i, width - len(p):] = p
             mask[i, width - len(p):] = 1
         embeds = self.model.llm.embed(jnp.asarray(ids))
-        return self._generate(embeds, mask, lengths, decoding, top_logprobs)
+        return self._generate(embeds, mask, lengths, decoding, top_logprobs, on_token)
 
     def _buckets_for_length(self, length: int) -> tuple[int, ...]:
         if length <= self.buckets[-1]:
@@ -368,6 +372,21 @@ class Explainer:
 
     def _buckets_for(self, samples: Sequence[prompt.Sample]) -> tuple[int, ...]:
         return self._buckets_for_length(max(len(s) for s in samples))
+
+
+def _answer_tokens(on_token: OnToken, rows: int, eos: Sequence[int]) -> OnStep:
+    """Per-step callback of :func:`generate_scored` -> ``on_token`` for each real row's tokens before its EOS."""
+    finished = [False] * rows
+
+    def on_step(step: Step) -> None:
+        for row in range(rows):
+            token = int(step.tokens[row])
+            finished[row] = finished[row] or token in eos
+            if not finished[row]:
+                top = list(zip(map(int, step.top_ids[row]), map(float, step.top_logprobs[row])))
+                on_token(row, token, float(step.logprobs[row]), top)
+
+    return on_step
 
 
 def load(

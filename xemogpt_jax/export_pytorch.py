@@ -1,6 +1,6 @@
 """An XEmoGPT checkpoint (a stage-3 run or an imported model) -> files PyTorch users load.
 
-    xemogpt-export --checkpoint DIR --out DIR --format hf|xemogpt|peft [--dtype fp32|bf16] [--overwrite]
+    xemogpt-export --checkpoint DIR --out DIR --format hf|xemogpt|peft [--dtype f32|bf16] [--overwrite]
     (or python tools/export_pytorch.py ...)
 
 - ``hf``: ``llm/`` (transformers causal LM, LoRA merged, config.json from the source config with
@@ -42,7 +42,7 @@ from xemogpt_jax.models.xemogpt import XEmoGPT
 from xemogpt_jax.models.xemogpt_params import ExportTensor, ModelSpec
 from xemogpt_jax.tensor_files import write_safetensors, write_torch
 
-DTYPES = {"fp32": (np.dtype(np.float32), "float32"), "bf16": (np.dtype(ml_dtypes.bfloat16), "bfloat16")}
+DTYPES = {"f32": (np.dtype(np.float32), "float32"), "bf16": (np.dtype(ml_dtypes.bfloat16), "bfloat16")}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "generation_config.json", "chat_template.jinja", "tokenizer.model",
@@ -123,7 +123,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="a new or empty folder (written whole, or not at all)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out, an earlier export")
     parser.add_argument("--format", required=True, choices=("hf", "xemogpt", "peft"))
-    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    parser.add_argument("--dtype", default="f32", choices=tuple(DTYPES), help="dtype of the written tensors")
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor mesh shape to restore onto")
     return parser.parse_args(argv)
 

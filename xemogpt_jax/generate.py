@@ -9,6 +9,10 @@ finished-hypothesis pool, length penalty, early-stop heuristic) so its best beam
 and top-p filtered (keeping at least one non-EOS token), and the 2K candidates are drawn without
 replacement from the softmax of the accumulated scores (Gumbel top-k) instead of taken greedily.
 
+With ``on_step``, greedy and sampled decoding hand each step's tokens to the host as they are
+chosen (an ordered ``io_callback`` in the loop), so a server can stream while the batch decodes.
+Beam search cannot: its best beam is known only at the end.
+
 Alongside the tokens, every decoding mode returns the model's log-probability of each token it
 emitted (log-softmax of the raw logits, before repetition penalty, temperature or top-p, so the
 figure means the same whichever decoding chose the token and equals a teacher-forced score) and,
@@ -19,12 +23,17 @@ and returns the chosen beam's.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import threading
+from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from xemogpt_jax.models.qwen3 import KVCache, Qwen3ForCausalLM
 
@@ -52,6 +61,22 @@ class GenerationConfig:
         eos = self.eos_token_id
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else () if eos is None else (eos,)
         object.__setattr__(self, "eos_token_id", eos)
+
+
+class Step(NamedTuple):
+    """One decode step of every row, as ``on_step`` receives it (host arrays; rows already done carry pad / 0)."""
+
+    index: int
+    tokens: np.ndarray  # int32 [B]
+    logprobs: np.ndarray  # float32 [B]
+    top_ids: np.ndarray  # int32 [B, top_logprobs]
+    top_logprobs: np.ndarray  # float32 [B, top_logprobs]
+
+
+OnStep = Callable[[Step], None]
+_listeners: dict[int, OnStep] = {}  # on_step by the id a running generation passes to its callbacks
+_listener_ids = itertools.count()
+_listeners_lock = threading.Lock()
 
 
 class Generated(NamedTuple):
@@ -86,42 +111,73 @@ def generate_scored(
     attention_mask: jax.Array | None = None,
     config: GenerationConfig = GenerationConfig(),
     rng: jax.Array | None = None,
+    on_step: OnStep | None = None,
 ) -> Generated:
-    """:func:`generate` with each emitted token's log-probability and the step's top alternatives."""
+    """:func:`generate` with each emitted token's log-probability and the step's top alternatives.
+
+    ``on_step`` (greedy or sampling only) is called on the host with every step as it is decoded, in
+    order, before this returns.
+    """
     prompt = input_ids if inputs_embeds is None else inputs_embeds
     if attention_mask is None:
         attention_mask = jnp.ones(prompt.shape[:2], jnp.int32)
     if config.do_sample and rng is None:
         raise ValueError("sampling needs an rng key")
     rng = jax.random.key(0) if rng is None else rng
+    if on_step is not None and config.num_beams > 1:
+        raise ValueError("on_step needs num_beams == 1: beam search knows its best beam only at the end")
     graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, input_ids, inputs_embeds, attention_mask, rng, config)
+    if on_step is None:
+        return _generate_jit(graphdef, state, input_ids, inputs_embeds, attention_mask, rng, config, None)
+    with _listeners_lock:
+        listener = next(_listener_ids)
+        _listeners[listener] = on_step
+    try:
+        out = _generate_jit(graphdef, state, input_ids, inputs_embeds, attention_mask, rng, config,
+                            jnp.int32(listener))
+        return jax.block_until_ready(out)
+    finally:
+        with _listeners_lock:
+            del _listeners[listener]
+
+
+def _deliver(listener, index, tokens, logprobs, top_ids, top_logprobs) -> None:
+    with _listeners_lock:
+        on_step = _listeners[int(listener)]
+    on_step(Step(int(index), *(np.asarray(x) for x in (tokens, logprobs, top_ids, top_logprobs))))
 
 
 @partial(jax.jit, static_argnums=(0, 6))
-def _generate_jit(graphdef, state, input_ids, inputs_embeds, attention_mask, rng, config: GenerationConfig):
+def _generate_jit(graphdef, state, input_ids, inputs_embeds, attention_mask, rng, config: GenerationConfig,
+                  listener: jax.Array | None):
     model = nnx.merge(graphdef, state)
-    logits, cache = _prefill(model, input_ids, inputs_embeds, attention_mask, config.max_new_tokens)
+    layers = model.layer_list()  # sliced once, outside the decode loop
+    logits, cache = _prefill(model, layers, input_ids, inputs_embeds, attention_mask, config.max_new_tokens)
+    step = partial(_decode_step, model, layers)
     if config.num_beams > 1:
-        return _beam_search(model, logits, cache, config, rng)
-    return _sample_loop(model, logits, cache, rng, config)
+        return _beam_search(step, logits, cache, config, rng)
+    return _sample_loop(step, logits, cache, rng, config, listener)
 
 
-def _prefill(model, input_ids, inputs_embeds, attention_mask, max_new_tokens):
+StepFn = Callable[[jax.Array, KVCache], tuple[jax.Array, KVCache]]  # last tokens [B], cache -> logits [B, V], cache
+
+
+def _prefill(model, layers, input_ids, inputs_embeds, attention_mask, max_new_tokens):
     """Run the prompt once; logits at each row's last real token and the filled cache."""
     prompt = input_ids if inputs_embeds is None else inputs_embeds
     batch, length = prompt.shape[:2]
     cache = model.init_cache(batch, length + max_new_tokens)
     hidden, cache = model.hidden_states(
-        input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache
+        input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, layers=layers
     )
     last = jnp.max(jnp.where(attention_mask.astype(bool), jnp.arange(length), 0), axis=1)
     hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     return model.logits(hidden_last), cache
 
 
-def _decode_step(model, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    logits, cache = model(tokens[:, None], attention_mask=jnp.ones((tokens.shape[0], 1), jnp.int32), cache=cache)
+def _decode_step(model, layers, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    logits, cache = model(tokens[:, None], attention_mask=jnp.ones((tokens.shape[0], 1), jnp.int32), cache=cache,
+                          layers=layers)
     return logits[:, 0], cache
 
 
@@ -172,8 +228,9 @@ def _choose(logits: jax.Array, key: jax.Array, config: GenerationConfig) -> jax.
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _sample_loop(model, logits, cache, rng, config: GenerationConfig) -> Generated:
-    """Greedy or sampled decoding; stops early once every row has produced EOS."""
+def _sample_loop(step_fn: StepFn, logits, cache, rng, config: GenerationConfig, listener) -> Generated:
+    """Greedy or sampled decoding; stops early once every row has produced EOS. With a ``listener`` id, each
+    step's tokens and log-probs also go to the host as they are chosen."""
     batch = logits.shape[0]
     n, k = config.max_new_tokens, config.top_logprobs
     out = Generated(
@@ -190,6 +247,8 @@ def _sample_loop(model, logits, cache, rng, config: GenerationConfig) -> Generat
         live = ~done
         values = (chosen, jnp.where(live, chosen_lp, 0.0), jnp.where(live[:, None], top_ids, 0),
                   jnp.where(live[:, None], top_values, 0.0))
+        if listener is not None:
+            io_callback(_deliver, None, listener, step, *values, ordered=True)
         return Generated(*(
             jax.lax.dynamic_update_slice(field, value[:, None], (0, step) + (0,) * (value.ndim - 1))
             for field, value in zip(out, values)
@@ -205,7 +264,7 @@ def _sample_loop(model, logits, cache, rng, config: GenerationConfig) -> Generat
 
     def body(carry):
         step, out, tokens, done, cache = carry
-        logits, cache = _decode_step(model, tokens, cache)
+        logits, cache = step_fn(tokens, cache)
         penalized = repetition_penalize(logits, out.tokens, step, config.repetition_penalty)
         chosen = _choose(penalized, jax.random.fold_in(rng, step), config)
         chosen = jnp.where(done, config.pad_token_id, chosen)
@@ -220,16 +279,6 @@ def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
     """``x[b, indices[b, j], ...]`` for ``x [B, K, ...]`` and ``indices [B, J]``."""
     idx = indices.reshape(indices.shape + (1,) * (x.ndim - 2))
     return jnp.take_along_axis(x, idx, axis=1)
-
-
-def _reorder_cache(cache: KVCache, flat_parents: jax.Array) -> KVCache:
-    return KVCache(
-        k=jnp.take(cache.k, flat_parents, axis=1),
-        v=jnp.take(cache.v, flat_parents, axis=1),
-        mask=jnp.take(cache.mask, flat_parents, axis=0),
-        index=cache.index,
-        lengths=jnp.take(cache.lengths, flat_parents, axis=0),
-    )
 
 
 def _beam_log_probs(
@@ -263,7 +312,7 @@ def _set_step(trace: jax.Array, values: jax.Array, step) -> jax.Array:
     return jax.lax.dynamic_update_slice(trace, values[:, :, None], (0, 0, step) + (0,) * (values.ndim - 2))
 
 
-def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array) -> Generated:
+def _beam_search(step_fn: StepFn, logits, cache, config: GenerationConfig, rng: jax.Array) -> Generated:
     """transformers' beam search over ``K = num_beams`` beams per row; returns each row's best finished beam.
 
     Each beam also carries a trace (its tokens' raw log-probs and top alternatives) that follows
@@ -273,7 +322,7 @@ def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array)
     k, n, top = config.num_beams, config.max_new_tokens, config.top_logprobs
     keep = max(2, 1 + len(config.eos_token_id)) * k
     top_k_mask = jnp.arange(keep) < k
-    cache = _reorder_cache(cache, jnp.repeat(jnp.arange(batch), k))
+    cache = cache.take_rows(jnp.repeat(jnp.arange(batch), k))
     log_probs = jnp.repeat(_beam_log_probs(logits, config)[:, None], k, axis=1)
     raw = tuple(jnp.repeat(x[:, None], k, axis=1) for x in _log_probs_and_top(logits, top))
 
@@ -348,8 +397,8 @@ def _beam_search(model, logits, cache, config: GenerationConfig, rng: jax.Array)
     def body(carry):
         step, s, parents, tokens, cache = carry
         flat_parents = (parents + jnp.arange(batch)[:, None] * k).reshape(-1)
-        cache = _reorder_cache(cache, flat_parents)
-        logits, cache = _decode_step(model, tokens.reshape(-1), cache)
+        cache = cache.take_rows(flat_parents)
+        logits, cache = step_fn(tokens.reshape(-1), cache)
         generated = s["running_seq"].reshape(batch * k, n)
         log_probs = _beam_log_probs(logits, config, generated, step).reshape(batch, k, vocab)
         raw = tuple(x.reshape(batch, k, *x.shape[1:]) for x in _log_probs_and_top(logits, top))

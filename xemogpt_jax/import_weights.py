@@ -82,6 +82,7 @@ def build_spec(args: argparse.Namespace) -> ModelSpec:
         **bridge_sizes(args, config),
         lora=None if lora is None or lora["rank"] <= 0 else lora,
         sources=sources,
+        prompt_layout=run_config.prompt_layout(config),
     )
 
 

@@ -65,17 +65,9 @@ class Checkpoint:
         return int(self.run.get("seed", 0))
 
 
-def checkpoint_directory(path: str | Path) -> Path:
-    """A trainer workdir or its ``checkpoints/`` folder -> the folder the Orbax manager owns."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} is not a directory")
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
-
-
 def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
     """A stage-3 run (workdir or ``checkpoints/``) or an imported model checkpoint; stage 1-2 runs are refused."""
-    directory = checkpoint_directory(path)
+    directory = checkpoint.checkpoint_directory(path)
     stored = checkpoint.restore_config(directory, step)
     if ModelSpec.describes(stored):
         return Checkpoint(directory, run_config.resolve(stored), step, ModelSpec.from_json(stored))
@@ -176,7 +168,7 @@ def init_unset(module: M, factory: Callable[[], M], mesh: Mesh) -> list[TreePath
     """Give every variable no source set its initial value, created directly in its sharding.
 
     Only the unset variables are outputs of the jitted init, so the rest of the init is never
-    computed; values equal those a full ``sharding.create_sharded(factory, mesh)`` would give.
+    computed; values equal those ``factory()`` gives.
     Returns the paths initialised.
     """
     unset = [(path, v) for path, v in _flat(module).items() if _is_unset(v)]
@@ -212,6 +204,21 @@ def fill_init_from(model: XEmoGPT, init_from: Mapping[str, Any], mesh: Mesh) -> 
     for key, moves in BRIDGE_RUNS.items():
         if init_from.get(key):
             fill_from_state(model, Path(init_from[key]) / "checkpoints", moves, mesh)
+
+
+def from_hf(factory: Callable[[], M], folder: str | Path, key_map: hf_io.KeyMap,
+            mesh: Mesh | None = None) -> tuple[M, hf_io.LoadReport]:
+    """One HF model on its own (a Qwen3, a CLIP, a HuBERT), built abstractly and streamed in tensor by tensor.
+
+    ``factory`` is the family's (``qwen3_params.hf_factory``, ...); LoRA adapters, which no HF folder
+    holds, get the factory's initial values. Without ``mesh`` the model lives on the first device.
+    """
+    mesh = mesh if mesh is not None else sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    model = nnx.eval_shape(factory)
+    with jax.set_mesh(mesh):
+        report = fill_from_hf(model, folder, key_map, mesh)
+    init_unset(model, factory, mesh)
+    return model, report
 
 
 # ---------------------------------------------------------------- XEmoGPT

@@ -44,7 +44,11 @@ th { background: #f3f3f3; } .num { text-align: right; font-variant-numeric: tabu
 .text { margin: 2px 0 8px 0; white-space: pre-wrap; }
 .axis { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; margin-top: 8px; }
 .cue td { font-size: 13px; } .missing { color: #999; font-style: italic; }
+.verdict-right { background: #d4efcf; } .verdict-hallucinated { background: #f4b6b6; }
+.verdict-wrong { background: #f6dfb0; } .verdict-missed { background: #e4e4e4; color: #555; }
 """
+VERDICT_SIGNS = {"right": "&#10003;", "hallucinated": "&#10007; hallucinated", "wrong": "&#10007;",
+                 "missed": "missed"}
 
 
 def _score_color(score: float | None) -> str:
@@ -246,6 +250,47 @@ def render(
                 name, clip_scores, pred, gt, frames.get(name, []), subtitles.get(name), explanations.get(name)
             )
         )
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
+    )
+
+
+def verdict_section(name: str, row: str, frames: Sequence[np.ndarray] | None, explanation: str,
+                    marks: Mapping[str, Sequence[tuple[str, str]]], missed: Mapping[str, Sequence[str]]) -> str:
+    """One clip of the faithfulness view: its frame strip, explanation, and per axis each stated cue with its
+    verdict (right, hallucinated, wrong: ``xemogpt_jax.faithfulness.verdicts``) and the true cues missed."""
+    parts = [f'<section class="clip" id="{html.escape(name, quote=True)}"><h2>{html.escape(name)}</h2>',
+             f"<div>{html.escape(row)}</div>"]
+    if frames is not None and len(frames):
+        images = "".join(f'<img alt="frame" src="{png_data_uri(f)}">' for f in _pick(list(frames)))
+        parts.append(f'<div class="frames">{images}</div>')
+    parts.append(f'<div class="label">explanation</div><div class="text">{html.escape(explanation)}</div>')
+    for axis in AXES:
+        cells = list(marks.get(axis, []))
+        cells += [(cue, "missed") for cue in missed.get(axis, [])]
+        rows = "".join(f'<tr class="cue verdict-{verdict}"><td>{html.escape(cue)}</td><td>{VERDICT_SIGNS[verdict]}</td>'
+                       "</tr>" for cue, verdict in cells)
+        parts.append(f'<div class="label">{axis}</div><table>{rows}</table>' if rows
+                     else f'<div class="label">{axis}</div><div class="missing">no cues</div>')
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def faithfulness_page(title: str, columns: Sequence[str],
+                      tables: Mapping[str, tuple[Mapping[str, Sequence[float | None]], Mapping[str, int]]],
+                      sections: Sequence[str]) -> str:
+    """A page of one table per model (rows of clips, ``columns`` of figures; None shown as "-") and the
+    clip sections of :func:`verdict_section`."""
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for model, (cells, counts) in tables.items():
+        head = "".join(f'<th class="num">{html.escape(c)}</th>' for c in columns)
+        rows = [f"<tr><th>clips (n)</th>{head}</tr>"]
+        for row, values in cells.items():
+            shown = "".join(f'<td class="num">{"-" if v is None else f"{v:.3f}"}</td>' for v in values)
+            rows.append(f"<tr><td>{html.escape(row)} ({counts[row]})</td>{shown}</tr>")
+        body.append(f"<h2>{html.escape(model)}</h2><table>{''.join(rows)}</table>")
+    body.extend(sections)
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"

@@ -182,6 +182,17 @@ def xemogpt_config(run: RunConfig, tokenizer: Any = None) -> XEmoGPTConfig:
     )
 
 
+# ``data`` fields that shape the prompt a model reads (its audio window, context cut and length buckets): a
+# model checkpoint keeps those of the config it was imported with, so it explains as that run did.
+PROMPT_LAYOUT_FIELDS = ("max_audio_seconds", "max_context", "truncate", "length_buckets")
+
+
+def prompt_layout(run: RunConfig) -> dict[str, Any]:
+    """The run's :data:`PROMPT_LAYOUT_FIELDS` that it sets (the rest stay the release's defaults)."""
+    data = as_dict(run).get("data", {})
+    return {name: data[name] for name in PROMPT_LAYOUT_FIELDS if name in data}
+
+
 def model_spec(run: RunConfig) -> ModelSpec:
     """The :class:`ModelSpec` of a stage-3 run: its architectures, bridge sizes, LoRA and weight sources.
 
@@ -198,5 +209,5 @@ def model_spec(run: RunConfig) -> ModelSpec:
     return ModelSpec(
         llm=architecture(resolved, "llm"), vision=vision_hf_config(architecture(resolved, "clip")),
         hubert=architecture(resolved, "hubert"), **bridge_settings(resolved), lora=lora_settings(resolved),
-        sources=sources,
+        sources=sources, prompt_layout=prompt_layout(resolved),
     )

@@ -14,8 +14,8 @@ at the sizes we train.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -42,8 +42,6 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
     "layers": None,
 }
-
-M = TypeVar("M", bound=nnx.Module)
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int | None = None) -> tuple[int, ...]:
@@ -128,26 +126,6 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Shard the leading (batch) dimension over ``data`` and ``fsdp``; replicate the rest."""
     return NamedSharding(mesh, PartitionSpec(LOGICAL_AXIS_RULES["batch"], *([None] * (ndim - 1))))
-
-
-def create_sharded(factory: Callable[[], M], mesh: Mesh) -> M:
-    """Build a model directly into sharded buffers, never materialising it on one device."""
-    abstract = nnx.eval_shape(factory)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh)
-
-    def init() -> Any:
-        return nnx.state(factory())
-
-    state = jax.jit(init, out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
-
-
-def shard_model(model: M, mesh: Mesh) -> M:
-    """Place an existing model's variables on the mesh according to their logical axes."""
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state, state_shardings(state, mesh))
-    return nnx.merge(graphdef, state)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -44,6 +44,22 @@ def attention(
     return _attention(q, k, v, mask, scale, causal)
 
 
+def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Queries ``[B, T, N, D]`` against a cache in its own layout: keys ``[B, K, D, S]``, values ``[B, K, S, D]``.
+
+    Both products then read the cache as stored (no per-step transpose of it), and a decode step's
+    ``T = 1`` makes the only relaid tensor the small query. ``mask [B, 1, T, S]``; fp32 scores and
+    softmax, as :func:`attention` (forward only: nothing differentiates through a cache).
+    """
+    grouped = _grouped(q * jnp.asarray(scale, q.dtype), keys_t.shape[1])
+    scores = jnp.einsum("bkgtd,bkds->bkgts", grouped, keys_t, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores, MASKED_SCORE)
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bksd->bkgtd", weights.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return _ungrouped((out / total).astype(q.dtype))
+
+
 def _grouped(x: jax.Array, num_kv: int) -> jax.Array:
     """``[B, T, N, D] -> [B, K, G, T, D]``: the ``G = N / K`` query heads of each KV head together."""
     b, t, n, d = x.shape

@@ -1,9 +1,9 @@
-"""HF CLIP checkpoint <-> our parameter tree: one invertible rules table, and loaders.
+"""HF CLIP checkpoint <-> our parameter tree: one invertible rules table, and the models HF directories describe.
 
 Each rule pairs a HF key template with our dotted-path template and a named transform, so the
 same table serves import (:func:`key_map`) and export (:func:`hf_key_for`, with
-``TRANSFORMS[kind].inverse``). Loading builds the model abstractly and fills it tensor by
-tensor through ``hf_io.assign``, so no random initialisation is materialised.
+``TRANSFORMS[kind].inverse``). ``loading.from_hf`` builds a model abstractly and fills it tensor by
+tensor, so no random initialisation is materialised.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from xemogpt_jax.models import hf_io
 from xemogpt_jax.models.clip import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
@@ -126,29 +125,20 @@ def vision_key_map(name: str) -> hf_io.Target | None:
     return hf_io.Target(target.path[1:], target.transform, target.index)
 
 
-def _load(model: nnx.Module, path: str | Path, mapping: hf_io.KeyMap, mesh: Mesh | None) -> hf_io.LoadReport:
-    report = hf_io.assign(model, hf_io.iter_tensors(path), mapping, mesh)
-    if report.missing:
-        raise ValueError(f"{path}: checkpoint lacks parameters {report.missing[:5]} ({len(report.missing)} in all)")
-    return report
-
-
-def load_clip(
-    path: str | Path, *, mesh: Mesh | None = None, dtype: DType = None, param_dtype: DType = jnp.float32
-) -> tuple[CLIPModel, hf_io.LoadReport]:
-    """A full ``CLIPModel`` (both towers, projections, logit scale) from a local HF directory."""
+def hf_factory(path: str | Path, *, dtype: DType = None, param_dtype: DType = jnp.float32) -> Callable[[], CLIPModel]:
+    """A full ``CLIPModel`` (both towers, projections, logit scale) as a HF directory describes it."""
     config = hf_io.read_config(path)
     if config.get("model_type") != "clip":
         raise ValueError(f"{path}: model_type {config.get('model_type')!r} is not a CLIPModel ('clip')")
     clip_config = CLIPConfig.from_hf(config)
-    model = nnx.eval_shape(lambda: CLIPModel(clip_config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    return model, _load(model, path, key_map, mesh)
+    return lambda: CLIPModel(clip_config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
 
 
-def load_clip_vision(
-    path: str | Path, *, mesh: Mesh | None = None, dtype: DType = None, param_dtype: DType = jnp.float32
-) -> tuple[CLIPVisionModel, hf_io.LoadReport]:
-    """Only the vision tower, from a ``CLIPModel`` or a ``CLIPVisionModel`` directory."""
+def vision_factory(
+    path: str | Path, *, dtype: DType = None, param_dtype: DType = jnp.float32
+) -> Callable[[], CLIPVisionModel]:
+    """Only the vision tower, of a ``CLIPModel`` or a ``CLIPVisionModel`` directory (load with
+    :func:`vision_key_map`)."""
     config = hf_io.read_config(path)
     model_type = config.get("model_type")
     if model_type == "clip":
@@ -157,7 +147,4 @@ def load_clip_vision(
         vision_config = CLIPVisionConfig.from_hf(config)
     else:
         raise ValueError(f"{path}: model_type {model_type!r} is neither 'clip' nor 'clip_vision_model'")
-    model = nnx.eval_shape(
-        lambda: CLIPVisionModel(vision_config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
-    )
-    return model, _load(model, path, vision_key_map, mesh)
+    return lambda: CLIPVisionModel(vision_config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)

@@ -1,4 +1,4 @@
-"""HF HuBERT checkpoint names <-> our parameter paths, and loading a local HF HuBERT directory.
+"""HF HuBERT checkpoint names <-> our parameter paths, and the model a local HF HuBERT directory describes.
 
 The mapping is one declarative table of ``(hf_template, our_template, transform)`` rows; every
 transform has an inverse in :data:`TRANSFORMS`, so the exporter walks the same table backwards.
@@ -12,12 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
-from xemogpt_jax import sharding
 from xemogpt_jax.models import hf_io
 from xemogpt_jax.models.hubert import HubertConfig, HubertModel
 
@@ -106,24 +105,7 @@ def hubert_key_map(prefix: str | None = None) -> hf_io.KeyMap:
     return lambda name: headed(name) if name.startswith("hubert.") else bare(name)
 
 
-def load_hubert(
-    path: str | Path,
-    *,
-    mesh: Mesh | None = None,
-    prefix: str | None = None,
-    seed: int = 0,
-    **config_overrides,
-) -> tuple[HubertModel, hf_io.LoadReport]:
-    """Build a HubertModel from a local HF directory (config.json + safetensors or pytorch_model.bin).
-
-    Refuses a checkpoint that leaves any parameter unset; keys we do not use (task heads) are reported.
-    """
+def hf_factory(path: str | Path, seed: int = 0, **config_overrides: Any) -> Callable[[], HubertModel]:
+    """The HubertModel a HF directory describes (load with :func:`hubert_key_map`; task heads are reported)."""
     config = HubertConfig.from_hf(hf_io.read_config(path), **config_overrides)
-    def factory() -> HubertModel:
-        return HubertModel(config, rngs=nnx.Rngs(seed))
-
-    model = sharding.create_sharded(factory, mesh) if mesh is not None else factory()
-    report = hf_io.assign(model, hf_io.iter_tensors(path), hubert_key_map(prefix), mesh)
-    if report.missing:
-        raise ValueError(f"{path}: checkpoint does not set {len(report.missing)} parameters: {report.missing[:8]}")
-    return model, report
+    return lambda: HubertModel(config, rngs=nnx.Rngs(seed))

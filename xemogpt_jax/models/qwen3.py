@@ -8,12 +8,16 @@ stacked parameter gets a leading ``"layers"`` logical axis.
 Caching: :class:`KVCache` has a fixed number of slots. Each call writes its ``T`` tokens at
 slots ``[index, index + T)`` for every row; a per-slot validity mask makes left padding,
 right padding and ragged decode all the same case. RoPE positions default to the running
-count of valid tokens per row, which is what HF computes from ``attention_mask``.
+count of valid tokens per row, which is what HF computes from ``attention_mask``. A call with
+a cache runs the layers one by one rather than scanned: each layer's keys and values live in
+buffers of their own, laid out for the attention products, so a decode step updates them in
+place and copies neither the cache nor a layer's weights out of their stacks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -22,7 +26,7 @@ from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from xemogpt_jax.models import lora as lora_lib
-from xemogpt_jax.models.attention import AttentionConfig, attention, dot_product_attention
+from xemogpt_jax.models.attention import AttentionConfig, attention, cached_attention, dot_product_attention
 from xemogpt_jax.models.layers import (
     QKV_PROJ,
     DType,
@@ -152,17 +156,28 @@ def parse_dtype(name: str | Any) -> Any:
 
 @struct.dataclass
 class KVCache:
-    """Stacked keys/values ``[L, B, S, KV, hd]``, slot validity ``[B, S]``, next slot, valid tokens per row."""
+    """Per layer: keys ``[B, KV, hd, S]`` (transposed, as the score product reads them) and values
+    ``[B, KV, S, hd]``; slot validity ``[B, S]``, next slot, valid tokens per row."""
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     mask: jax.Array
     index: jax.Array
     lengths: jax.Array
 
     @property
     def size(self) -> int:
-        return self.k.shape[2]
+        return self.mask.shape[1]
+
+    def take_rows(self, rows: jax.Array) -> KVCache:
+        """The cache of rows ``rows`` (beam search's reordering)."""
+        return KVCache(
+            k=tuple(jnp.take(k, rows, axis=0) for k in self.k),
+            v=tuple(jnp.take(v, rows, axis=0) for v in self.v),
+            mask=jnp.take(self.mask, rows, axis=0),
+            index=self.index,
+            lengths=jnp.take(self.lengths, rows, axis=0),
+        )
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -233,24 +248,21 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         updated = None
-        if kv_slots is not None:
-            cache_k, cache_v, index = kv_slots
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-            updated = (cache_k, cache_v)
-            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
         impl = c.attention.resolved()
-        if impl == "blocked":
-            out = attention(q, k, v, attend, c.head_dim**-0.5, causal=kv_slots is None)
-        elif kv_slots is None:  # training / a cache-less forward: causal over the row's valid keys
+        if kv_slots is not None:  # T queries against the cache's S slots, in its own layout, on every backend
+            cache_k, cache_v, index = kv_slots
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 3, 1).astype(cache_k.dtype),
+                                                   (0, 0, 0, index))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype),
+                                                   (0, 0, index, 0))
+            updated = (cache_k, cache_v)
+            out = cached_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), attend, c.head_dim**-0.5)
+        elif impl == "blocked":
+            out = attention(q, k, v, attend, c.head_dim**-0.5, causal=True)
+        else:  # training / a cache-less forward: causal over the row's valid keys
             out = dot_product_attention(
                 q, k, v, scale=c.head_dim**-0.5, config=c.attention, causal=True,
                 key_mask=attend[:, 0, -1, :], mask=attend, where="llm",
-            )
-        else:  # decoding against a cache (T queries, S slots): splash has no such kernel, XLA's runs it
-            decode = dataclasses.replace(c.attention, impl="xla") if impl == "splash" else c.attention
-            out = dot_product_attention(
-                q, k, v, scale=c.head_dim**-0.5, config=decode, mask=attend, where="llm decode"
             )
         out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
         return self.o_proj(out, dropout_key=_dropout_key(dropout_key, 3)), updated
@@ -337,11 +349,10 @@ class Qwen3ForCausalLM(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype: DType = None) -> KVCache:
         """An empty cache with ``max_length`` slots per row."""
         c = self.config
-        shape = (c.num_hidden_layers, batch_size, max_length, c.num_key_value_heads, c.head_dim)
-        dtype = dtype or c.dtype
+        kv, hd, dtype = c.num_key_value_heads, c.head_dim, dtype or c.dtype
         return KVCache(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros((batch_size, kv, hd, max_length), dtype) for _ in range(c.num_hidden_layers)),
+            v=tuple(jnp.zeros((batch_size, kv, max_length, hd), dtype) for _ in range(c.num_hidden_layers)),
             mask=jnp.zeros((batch_size, max_length), bool),
             index=jnp.zeros((), jnp.int32),
             lengths=jnp.zeros((batch_size,), jnp.int32),
@@ -356,8 +367,10 @@ class Qwen3ForCausalLM(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         dropout_rng: jax.Array | None = None,
+        layers: Sequence[DecoderLayer] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Final-norm hidden states ``[B, T, D]`` (and the updated cache when one is given)."""
+        """Final-norm hidden states ``[B, T, D]`` (and the updated cache when one is given; then ``layers``,
+        when given, are :meth:`layer_list`'s)."""
         c = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -380,34 +393,47 @@ class Qwen3ForCausalLM(nnx.Module):
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         x = constrain(x, ("batch", "length", "embed"))
 
-        graphdef, layer_state = nnx.split(self.layers)
         layer_keys = (
             None if dropout_rng is None else jax.random.split(dropout_rng, c.num_hidden_layers)
         )
+        if cache is not None:
+            x, keys, values = self._cached_layers(x, cos, sin, attend, cache, layer_keys, layers)
+            new_cache = KVCache(k=keys, v=values, mask=key_valid, index=cache.index + t,
+                                lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32))
+            return self.norm(x), new_cache
+
+        graphdef, layer_state = nnx.split(self.layers)
 
         def body(h, xs):
-            state, kv, key = xs
-            layer = nnx.merge(graphdef, state)
-            kv_slots = None if kv is None else (kv[0], kv[1], cache.index)
-            h, updated = layer(h, cos, sin, attend, kv_slots, key)
-            return h, updated
+            state, key = xs
+            h, _ = nnx.merge(graphdef, state)(h, cos, sin, attend, None, key)
+            return h, None
 
         remat, policy = remat_policy(c.remat)
         if remat:
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        kv_xs = None if cache is None else (cache.k, cache.v)
-        x, updated = jax.lax.scan(body, x, (layer_state, kv_xs, layer_keys), unroll=c.unroll_layers)
-        x = self.norm(x)
-        if cache is None:
-            return x, None
-        new_cache = KVCache(
-            k=updated[0],
-            v=updated[1],
-            mask=key_valid,
-            index=cache.index + t,
-            lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32),
-        )
-        return x, new_cache
+        x, _ = jax.lax.scan(body, x, (layer_state, layer_keys), unroll=c.unroll_layers)
+        return self.norm(x), None
+
+    def layer_list(self) -> list[DecoderLayer]:
+        """Each layer on its own, its weights sliced out of the stacks.
+
+        A decode loop slices them once, before its ``while_loop``: sliced inside, each step would copy
+        every layer's weights out of the stacks again (XLA does not hoist those slices).
+        """
+        graphdef, layer_state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], layer_state))
+                for i in range(self.config.num_hidden_layers)]
+
+    def _cached_layers(self, x, cos, sin, attend, cache: KVCache, layer_keys, layers):
+        """The layers one after another, each on its own cache buffers (updated in place in a decode loop)."""
+        keys, values = [], []
+        for i, layer in enumerate(layers or self.layer_list()):
+            key = None if layer_keys is None else layer_keys[i]
+            x, (k, v) = layer(x, cos, sin, attend, (cache.k[i], cache.v[i], cache.index), key)
+            keys.append(k)
+            values.append(v)
+        return x, tuple(keys), tuple(values)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """fp32 vocabulary logits from final hidden states."""
@@ -426,6 +452,7 @@ class Qwen3ForCausalLM(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         dropout_rng: jax.Array | None = None,
+        layers: Sequence[DecoderLayer] | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """fp32 logits ``[B, T, V]``; with ``cache``, ``(logits, updated_cache)``.
 
@@ -434,7 +461,7 @@ class Qwen3ForCausalLM(nnx.Module):
         """
         hidden, new_cache = self.hidden_states(
             input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            positions=positions, cache=cache, dropout_rng=dropout_rng,
+            positions=positions, cache=cache, dropout_rng=dropout_rng, layers=layers,
         )
         logits = self.logits(hidden)
         return logits if cache is None else (logits, new_cache)

@@ -1,4 +1,4 @@
-"""HF <-> ours key mapping for Qwen3/Qwen2, loading a local HF directory, and its tokenizer.
+"""HF <-> ours key mapping for Qwen3/Qwen2, the model a HF directory describes, and its tokenizer.
 
 The mapping is a bijection between HF tensor names and (state path, layer slot) pairs:
 :func:`hf_key_map` goes HF -> ours (with the kernel transpose), :func:`hf_name` and
@@ -8,16 +8,14 @@ The mapping is a bijection between HF tensor names and (state path, layer slot) 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
-from xemogpt_jax import sharding
 from xemogpt_jax.models import hf_io
 from xemogpt_jax.models.hf_io import StatePath, Target
 from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
@@ -105,31 +103,11 @@ def export_tensors(model: Qwen3ForCausalLM) -> Iterator[tuple[str, np.ndarray]]:
             yield name, _transpose(array) if transposed else array
 
 
-def load_config(path: str | Path, **overrides: Any) -> Qwen3Config:
-    """Our config from a HF directory's ``config.json``; ``overrides`` set dtype, remat, lora."""
-    return Qwen3Config.from_hf(hf_io.read_config(path), **overrides)
-
-
-def load_hf(
-    path: str | Path, *, mesh: Mesh | None = None, seed: int = 0, **overrides: Any
-) -> tuple[Qwen3ForCausalLM, hf_io.LoadReport]:
-    """Build the model of a local HF Qwen3/Qwen2 directory and stream its weights in, tensor by tensor.
-
-    With ``mesh`` every parameter is created and filled directly in its sharded layout. Raises
-    when a base parameter received no tensor (LoRA adapters keep their fresh init).
-    """
-    config = load_config(path, **overrides)
-
-    def factory() -> Qwen3ForCausalLM:
-        return Qwen3ForCausalLM(config, rngs=nnx.Rngs(seed))
-
-    model = sharding.create_sharded(factory, mesh) if mesh is not None else factory()
-    report = hf_io.assign(model, hf_io.iter_tensors(path), hf_key_map, mesh)
-    adapters = {"lora_a", "lora_b"}
-    missing = [m for m in report.missing if m.split("[")[0].split("/")[-1] not in adapters]
-    if missing:
-        raise ValueError(f"{path}: no checkpoint tensor for {missing[:8]} ({len(missing)} in all)")
-    return model, report
+def hf_factory(path: str | Path, seed: int = 0, **overrides: Any) -> Callable[[], Qwen3ForCausalLM]:
+    """The model a HF directory's ``config.json`` describes (``overrides`` set dtype, remat, lora), for
+    ``loading.from_hf``."""
+    config = Qwen3Config.from_hf(hf_io.read_config(path), **overrides)
+    return lambda: Qwen3ForCausalLM(config, rngs=nnx.Rngs(seed))
 
 
 def load_tokenizer(path: str | Path) -> Any:

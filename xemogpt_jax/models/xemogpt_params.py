@@ -302,6 +302,7 @@ class ModelSpec:
     align_dim: int = 768
     lora: dict[str, Any] | None = None
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    prompt_layout: dict[str, Any] = dataclasses.field(default_factory=dict)  # run_config.PROMPT_LAYOUT_FIELDS
 
     def run_config(self) -> dict[str, Any]:
         """The spec as run-config fields (``configs/sft.py`` names), for :func:`xemogpt_jax.run_config.xemogpt_config`.
@@ -313,7 +314,8 @@ class ModelSpec:
             "bridge_layers": self.bridge_layers, "num_frames": self.num_frames, "align_dim": self.align_dim,
             "video_text_dim": self.video_text_dim, "audio_text_dim": self.audio_text_dim,
         }
-        return {"dtype": "float32", "model": model, "init_from": {"tokenizer": self.sources.get("llm", "")}}
+        return {"dtype": "float32", "model": model, "data": dict(self.prompt_layout),
+                "init_from": {"tokenizer": self.sources.get("llm", "")}}
 
     def to_json(self) -> dict[str, Any]:
         return {"format": SPEC_FORMAT, **dataclasses.asdict(self)}

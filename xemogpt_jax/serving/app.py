@@ -1,7 +1,8 @@
 """The FastAPI application: routes, authentication, error replies, draining and request metrics.
 
 Routes parse and validate on the event loop, decode media in the thread pool, then wait (with the
-per-request timeout) on the batching thread's Future; the model never runs on the event loop.
+per-request timeout) on the batching thread's Future; the model never runs on the event loop. A
+streamed one-beam chat gets its tokens from the batching thread as the batch decodes them.
 Every error reply is OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``), except
 the framework's own 413 for an oversized body.
 """
@@ -13,7 +14,7 @@ import dataclasses
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,16 @@ def _parse(model: type[pydantic.BaseModel], data: bytes | dict[str, Any]) -> Any
         raise RequestValidationError(error.errors(include_url=False)) from None
 
 
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _sse(chunks: Iterable[dict[str, Any]]) -> AsyncIterator[str]:
+    for chunk in chunks:
+        yield _event(chunk)
+    yield "data: [DONE]\n\n"
+
+
 def build_app(model: Explainer, batcher: Batcher, settings: Settings, state: ServingState) -> FastAPI:
     app = FastAPI(title="xemogpt-jax", max_body_size=settings.max_body_bytes, docs_url=None, redoc_url=None)
     app.add_middleware(Gate, state=state, batcher=batcher)
@@ -187,25 +198,49 @@ def build_app(model: Explainer, batcher: Batcher, settings: Settings, state: Ser
                 media_parts.clip_from_parts, message.media_parts, subtitle=body.subtitle,
                 instruction=message.text.strip() or None, frame_size=model.frame_size, media_root=settings.media_root,
             )
-            future = batcher.submit("explain", clip, decoding, top)
+            kind, payload = "explain", clip
         else:
-            messages = [{"role": m.role, "content": m.text} for m in body.messages]
-            future = batcher.submit("chat", messages, decoding, top)
-        result = await result_of(future)
-        completion = Completion(result.generation, body.model or settings.model_name,
-                                lambda token: model.tokenizer.decode([token]),
+            kind, payload = "chat", [{"role": m.role, "content": m.text} for m in body.messages]
+        completion = Completion(body.model or settings.model_name, lambda token: model.tokenizer.decode([token]),
                                 lambda ids: model.decode(ids, ()), body.logprobs, body.top_logprobs)
         if not body.stream:
-            return completion.response()
+            result = await result_of(batcher.submit(kind, payload, decoding, top))
+            return completion.response(result.generation)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        async def events() -> AsyncIterator[str]:
-            for chunk in completion.chunks(include_usage):
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
+        if decoding.num_beams > 1:  # the best beam is known only at the end: stream the finished answer
+            result = await result_of(batcher.submit(kind, payload, decoding, top))
+            events = _sse(completion.chunks(result.generation, include_usage))
+        else:
+            events = _incremental(completion, batcher, (kind, payload, decoding, top), include_usage)
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _incremental(completion: Completion, batcher: Batcher, job: tuple, include_usage: bool):
+        """Server-sent events as the batch decodes: tokens reach this loop from the batching thread through a
+        queue, and the job's end (its Future) follows its last token there."""
+        loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
+        future = batcher.submit(*job, on_token=lambda *token: loop.call_soon_threadsafe(tokens.put_nowait, token))
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
+        deadline = loop.time() + settings.request_timeout_s
+        yield _event(completion.start())
+        while True:
+            try:
+                token = await asyncio.wait_for(tokens.get(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                yield _event(error_body(504, f"no answer within the server's {settings.request_timeout_s:g} s limit"))
+                return
+            if token is None:
+                break
+            chunk = completion.add(*token)
+            if chunk is not None:
+                yield _event(chunk)
+        if future.exception() is not None:
+            error = future.exception()
+            yield _event(error_body(500, f"internal error: {type(error).__name__}: {error}"))
+            return
+        for chunk in completion.finish(future.result().generation, include_usage):
+            yield _event(chunk)
+        yield "data: [DONE]\n\n"
 
     @app.post("/v1/explain", dependencies=[Depends(authorised)])
     async def explain(request: Request) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from xemogpt_jax.explainer import Decoding, Explainer, Generation
 from xemogpt_jax.serving.metrics import Metrics
 
 Kind = Literal["explain", "chat"]
+OnToken = Callable[[int, float, list[tuple[int, float]]], None]  # a job's answer token, its log-prob, top pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,7 @@ class _Job:
     payload: Any  # a Clip ("explain") or a message list ("chat")
     decoding: Decoding
     top_logprobs: int
+    on_token: OnToken | None = None  # called on the batching thread as the answer decodes (one beam only)
     future: Future = dataclasses.field(default_factory=Future)
 
 
@@ -49,8 +52,11 @@ class Batcher:
         self.thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, kind: Kind, payload: Any, decoding: Decoding, top_logprobs: int = 0) -> Future:
-        job = _Job(kind, payload, decoding, top_logprobs)
+    def submit(self, kind: Kind, payload: Any, decoding: Decoding, top_logprobs: int = 0,
+               on_token: OnToken | None = None) -> Future:
+        """Queue a job; ``on_token``, with one beam, gets its answer's tokens as they are decoded, before the
+        Future's result."""
+        job = _Job(kind, payload, decoding, top_logprobs, on_token)
         self.jobs.put(job)
         return job.future
 
@@ -94,11 +100,16 @@ class Batcher:
     def _run(self, kind: Kind, decoding: Decoding, top_logprobs: int, jobs: list[_Job]) -> None:
         began = time.perf_counter()
         payloads = [job.payload for job in jobs]
+        on_token = None
+        if decoding.num_beams == 1 and any(job.on_token for job in jobs):
+            def on_token(row: int, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+                if jobs[row].on_token is not None:
+                    jobs[row].on_token(token, logprob, top)
         try:
             if kind == "explain":
-                generations = self.model.explain_generations(payloads, decoding, top_logprobs)
+                generations = self.model.explain_generations(payloads, decoding, top_logprobs, on_token)
             else:
-                generations = self.model.chat_generations(payloads, decoding, top_logprobs)
+                generations = self.model.chat_generations(payloads, decoding, top_logprobs, on_token)
         except Exception as error:  # a failed batch fails its requests, never the server
             logging.exception("batch of %d %s requests failed", len(jobs), kind)
             for job in jobs:

@@ -1,9 +1,9 @@
 """Generations in OpenAI's chat-completion shapes: the completion object, stream chunks, ``logprobs`` content.
 
-Streaming is chunked per token from a finished generation (the decode loop runs whole on the
-device), so the joined deltas equal the non-streamed text by construction: each chunk carries the
-growth of the decoded prefix, and a token that ends mid-character is held until the character is
-complete.
+A stream is fed one token at a time as the batch decodes (:meth:`Completion.add`), or from a finished
+generation (beam search): each chunk carries the growth of the decoded prefix, a token that ends
+mid-character is held until the character is complete, and the final flush adds whatever the
+finished text has beyond what was sent, so the joined deltas equal the non-streamed text.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ Decode = Callable[[Sequence[int]], str]  # token ids -> text under the release's
 
 
 class Completion:
-    """One answer being formatted: shared id, timestamps and token texts."""
+    """One answer being formatted: shared id and timestamp, and the stream's state (tokens so far, text sent)."""
 
-    def __init__(self, generation: Generation, model: str, token_text: Callable[[int], str], decode: Decode,
-                 logprobs: bool, top_logprobs: int):
-        self.generation = generation
+    def __init__(self, model: str, token_text: Callable[[int], str], decode: Decode, logprobs: bool,
+                 top_logprobs: int):
         self.model = model
         self.token_text = token_text
         self.decode = decode
@@ -31,14 +30,19 @@ class Completion:
         self.top_logprobs = top_logprobs
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self._ids: list[int] = []
+        self._logprobs: list[float] = []
+        self._tops: list[list[tuple[int, float]]] = []
+        self._sent = ""
+        self._first_unsent = 0
 
-    @property
-    def finish_reason(self) -> str:
-        return "stop" if self.generation.generated_tokens > len(self.generation.token_ids) else "length"
+    @staticmethod
+    def finish_reason(generation: Generation) -> str:
+        return "stop" if generation.generated_tokens > len(generation.token_ids) else "length"
 
-    @property
-    def usage(self) -> dict[str, int]:
-        g = self.generation
+    @staticmethod
+    def usage(generation: Generation) -> dict[str, int]:
+        g = generation
         return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.generated_tokens,
                 "total_tokens": g.prompt_tokens + g.generated_tokens}
 
@@ -46,47 +50,68 @@ class Completion:
         text = self.token_text(token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    def _logprob_entries(self, start: int, stop: int) -> list[dict[str, Any]]:
-        g = self.generation
+    def _logprobs_field(self, ids: Sequence[int], logprobs: Sequence[float],
+                        tops: Sequence[Sequence[tuple[int, float]]]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
         entries = []
-        for i in range(start, stop):
-            entry = self._entry(g.token_ids[i], g.token_logprobs[i])
-            entry["top_logprobs"] = [self._entry(t, v) for t, v in g.top_logprobs[i][: self.top_logprobs]] \
-                if self.top_logprobs else []
-            entries.append(entry)
-        return entries
+        for token, logprob, top in zip(ids, logprobs, tops):
+            alternatives = [self._entry(t, v) for t, v in top[: self.top_logprobs]] if self.top_logprobs else []
+            entries.append({**self._entry(token, logprob), "top_logprobs": alternatives})
+        return {"content": entries, "refusal": None}
 
-    def _logprobs_field(self, start: int, stop: int) -> dict[str, Any] | None:
-        return {"content": self._logprob_entries(start, stop), "refusal": None} if self.logprobs else None
-
-    def response(self) -> dict[str, Any]:
+    def response(self, generation: Generation) -> dict[str, Any]:
+        g = generation
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": self.generation.text, "refusal": None},
-            "logprobs": self._logprobs_field(0, len(self.generation.token_ids)),
-            "finish_reason": self.finish_reason,
+            "message": {"role": "assistant", "content": g.text, "refusal": None},
+            "logprobs": self._logprobs_field(g.token_ids, g.token_logprobs, g.top_logprobs),
+            "finish_reason": self.finish_reason(g),
         }
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [choice], "usage": self.usage}
+                "choices": [choice], "usage": self.usage(g)}
 
     def _chunk(self, delta: dict[str, Any], logprobs: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
-    def chunks(self, include_usage: bool) -> Iterator[dict[str, Any]]:
-        """The stream: a role chunk, one chunk per completed piece of text, a finish chunk, optionally usage."""
-        yield self._chunk({"role": "assistant", "content": ""}, None, None)
-        ids, sent, first_unsent = self.generation.token_ids, "", 0
-        for stop in range(1, len(ids) + 1):
-            text = self.decode(ids[:stop])
-            if text.endswith("\ufffd") or not text.startswith(sent) or text == sent:
-                continue
-            yield self._chunk({"content": text[len(sent):]}, self._logprobs_field(first_unsent, stop), None)
-            sent, first_unsent = text, stop
-        rest = self.generation.text[len(sent):] if self.generation.text.startswith(sent) else ""
-        if rest or first_unsent < len(ids):
-            yield self._chunk({"content": rest}, self._logprobs_field(first_unsent, len(ids)), None)
-        yield self._chunk({}, None, self.finish_reason)
+    def _unsent_logprobs(self, stop: int) -> dict[str, Any] | None:
+        start = self._first_unsent
+        return self._logprobs_field(self._ids[start:stop], self._logprobs[start:stop], self._tops[start:stop])
+
+    def start(self) -> dict[str, Any]:
+        """The stream's first chunk: the assistant role."""
+        return self._chunk({"role": "assistant", "content": ""}, None, None)
+
+    def add(self, token: int, logprob: float, top: list[tuple[int, float]]) -> dict[str, Any] | None:
+        """The next answer token; a chunk when the decoded text grew by whole characters."""
+        self._ids.append(token)
+        self._logprobs.append(logprob)
+        self._tops.append(top)
+        text = self.decode(self._ids)
+        if text.endswith("\ufffd") or not text.startswith(self._sent) or text == self._sent:
+            return None
+        chunk = self._chunk({"content": text[len(self._sent):]}, self._unsent_logprobs(len(self._ids)), None)
+        self._sent, self._first_unsent = text, len(self._ids)
+        return chunk
+
+    def finish(self, generation: Generation, include_usage: bool) -> Iterator[dict[str, Any]]:
+        """The stream's end once the answer is complete: held text, the finish reason, optionally usage."""
+        sent, ids = self._sent, self._ids
+        rest = generation.text[len(sent):] if generation.text.startswith(sent) else ""
+        if rest or self._first_unsent < len(ids):
+            yield self._chunk({"content": rest}, self._unsent_logprobs(len(ids)), None)
+        yield self._chunk({}, None, self.finish_reason(generation))
         if include_usage:
             yield {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                   "choices": [], "usage": self.usage}
+                   "choices": [], "usage": self.usage(generation)}
+
+    def chunks(self, generation: Generation, include_usage: bool) -> Iterator[dict[str, Any]]:
+        """The whole stream of a finished generation (beam search, whose tokens are final only at the end)."""
+        yield self.start()
+        g = generation
+        for token, logprob, top in zip(g.token_ids, g.token_logprobs, g.top_logprobs):
+            chunk = self.add(token, logprob, top)
+            if chunk is not None:
+                yield chunk
+        yield from self.finish(g, include_usage)
