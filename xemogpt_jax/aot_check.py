@@ -451,6 +451,11 @@ def setup(args: argparse.Namespace) -> Setup:
         if "max_audio_seconds" not in config.data:
             raise UsageError(f"--audio-seconds: stage {config.stage} takes no audio")
         config.data.max_audio_seconds = args.audio_seconds
+    if "model" in config and config.model.get("attention") == "auto":
+        # compiled here on a CPU host, but for the target: ``auto`` is what the target's own run picks
+        from xemogpt_jax.models.attention import backend_for
+
+        config.model.attention = backend_for(target.kind)
     devices = target_devices(target)
 
     from xemogpt_jax import sharding
@@ -491,7 +496,8 @@ def describe(s: Setup, args: argparse.Namespace) -> str:
     where = f"tpu:{s.target.topology} ({len(s.devices)} x {s.target.chip.name})" if s.target.chip else \
         f"cpu:{len(s.devices)}"
     return (f"config {args.config} (stage {s.config.stage}): target {where}, mesh (data, fsdp, tensor) = {s.shape}, "
-            f"global batch {s.batch_size}, compute dtype {s.config.dtype}")
+            f"global batch {s.batch_size}, compute dtype {s.config.dtype}"
+            + (f", attention {s.config.model.attention}" if "model" in s.config else ""))
 
 
 def unrolled_copy(config: Any) -> Any | None:
