@@ -1,6 +1,8 @@
 """Test session setup: 8 host CPU devices so every sharded code path runs (never a TPU), and no network."""
 
 import os
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -12,6 +14,13 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 # (the console commands under test) inherit it.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
+# Tests and the commands they start compile many identical programs (a resumed run, a restarted server, the
+# same tiny step in several files): one compilation cache for all of them, shared by the xdist workers.
+CACHE = Path(tempfile.gettempdir()) / f"xemogpt-jax-tests-{os.getuid()}"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))  # least recently used entries go first
 
 import jax  # noqa: E402
 

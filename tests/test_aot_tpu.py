@@ -281,9 +281,9 @@ def launch_command(out: str) -> list[str]:
 
 @pytest.mark.slow
 def test_search_ranks_the_fitting_layouts_and_its_choice_launches_as_printed(capsys, tmp_path):
-    rc = aot_check.main(["--config", "configs/align_audio.py:tiny", "--target", "tpu:v5e:2x2", "--audio-seconds", "1",
-                         "--search", "--search-meshes", "4,1,1;2,2,1", "--search-remat-towers", "none",
-                         "--search-batch", "1", "--no-unrolled-cost"])
+    rc = aot_check.main(["--config", "configs/align_video.py:tiny", "--target", "tpu:v5e:2x2", "--search",
+                         "--search-meshes", "4,1,1;2,2,1", "--search-remat-towers", "none", "--search-batch", "1",
+                         "--no-unrolled-cost"])
     out, err = capsys.readouterr()
     assert rc == 0, err[-3000:]
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d,\d,\d\s", line)]
@@ -297,7 +297,7 @@ def test_search_ranks_the_fitting_layouts_and_its_choice_launches_as_printed(cap
     stub.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in --command=*) echo "${a#--command=}";; esac; done\n')
     stub.chmod(0o755)
     command = launch_command(out)
-    assert command[:6] == ["tools/launch_tpu_pod.sh", "train", "TPU_NAME", "ZONE", "configs/align_audio.py:tiny",
+    assert command[:6] == ["tools/launch_tpu_pod.sh", "train", "TPU_NAME", "ZONE", "configs/align_video.py:tiny",
                            "gs://BUCKET/RUN"]
     root = Path(__file__).resolve().parents[1]
     launched = subprocess.run(["bash", *command], capture_output=True, text=True, cwd=root, timeout=60,

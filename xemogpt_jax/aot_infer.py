@@ -18,7 +18,9 @@ from typing import Any
 PROMPT_TEXT_TOKENS = 128
 # The stage-3 batch fields a prompt needs (the collate's names; no labels at inference).
 PROMPT_FIELDS = ("token_ids", "kind", "feature_index", "attention_mask", "pixel_values", "input_values", "audio_mask")
-KV_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+# one layer's cache buffers (KVCache's layout: keys transposed, as the score product reads them)
+KEY_AXES = ("batch", "kv_heads", "head_dim", "length")
+VALUE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
 @dataclasses.dataclass
@@ -74,25 +76,32 @@ def build_programs(config: Any, mesh: Any, batch_size: int, seq_len: int | None,
         embeds = xemogpt.input_embeddings(batch["token_ids"], batch["kind"], batch["feature_index"],
                                           frames=batch["pixel_values"], audio=batch["input_values"],
                                           audio_mask=batch["audio_mask"])
-        return generate._prefill(xemogpt.llm, None, embeds, batch["attention_mask"], max_new_tokens)
+        return generate._prefill(xemogpt.llm, xemogpt.llm.layer_list(), None, embeds, batch["attention_mask"],
+                                 max_new_tokens)
 
     llm = model.config.llm
 
     def cache_for(rows: int) -> KVCache:
-        kv = (llm.num_hidden_layers, rows, length + max_new_tokens, llm.num_key_value_heads, llm.head_dim)
+        slots, heads, width = length + max_new_tokens, llm.num_key_value_heads, llm.head_dim
         dtype = llm.dtype or jnp.float32
-        spec = NamedSharding(mesh, sharding.logical_to_spec(KV_AXES))
+
+        def buffers(shape: tuple[int, ...], axes: tuple[str, ...]) -> tuple[jax.ShapeDtypeStruct, ...]:
+            spec = NamedSharding(mesh, sharding.logical_to_spec(axes))
+            return (jax.ShapeDtypeStruct(shape, dtype, sharding=spec),) * llm.num_hidden_layers
+
         rows_spec = sharding.batch_sharding(mesh, 2)
         scalar = NamedSharding(mesh, jax.sharding.PartitionSpec())
-        keys = jax.ShapeDtypeStruct(kv, dtype, sharding=spec)
-        return KVCache(k=keys, v=keys, mask=jax.ShapeDtypeStruct((rows, kv[2]), jnp.bool_, sharding=rows_spec),
+        return KVCache(k=buffers((rows, heads, width, slots), KEY_AXES),
+                       v=buffers((rows, heads, slots, width), VALUE_AXES),
+                       mask=jax.ShapeDtypeStruct((rows, slots), jnp.bool_, sharding=rows_spec),
                        index=jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
                        lengths=jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1)))
 
     def decode(state: Any, tokens: jax.Array, parents: jax.Array | None, cache: KVCache):
         if parents is not None:  # beam search: each beam continues its parent's cache
-            cache = generate._reorder_cache(cache, parents)
-        return generate._decode_step(nnx.merge(graphdef, state).llm, tokens, cache)
+            cache = cache.take_rows(parents)
+        llm = nnx.merge(graphdef, state).llm
+        return generate._decode_step(llm, llm.layer_list(), tokens, cache)
 
     decode_step = jax.jit(decode, donate_argnums=(3,))
     programs = [Program(f"prefill ({batch_size} clips x {length} prompt positions)", prefill, (state, batch),
