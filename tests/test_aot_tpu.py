@@ -89,14 +89,19 @@ def figures(out: str) -> dict[str, float]:
         "arguments": re.search(rf"arguments \(state \+ batch\)\s+{number} GiB", out),
         "temporaries": re.search(rf"temporaries\s+{number} GiB", out),
         "peak": re.search(rf"peak ~ .* = {number} GiB = ", out),
-        "step_ms": re.search(rf"step time \(compiler estimate\): {number} ms", out),
-        "mfu": re.search(rf"MFU \(compiler estimate\): {number}%", out),
+        "step_ms": re.search(rf"step time \(compiler estimate[^)]*\): {number} ms", out),
         "traced_tflop": re.search(rf"step FLOPs .*: {number} TFLOP,", out),
         "xla_tflop": re.search(rf"per-chip cost \(compiler estimate\): {number} TFLOP", out),
     }
     missing = [name for name, match in found.items() if match is None]
     assert not missing, f"{missing} not in:\n{out}"
-    return {name: float(match.group(1)) for name, match in found.items()}
+    values = {name: float(match.group(1)) for name, match in found.items()}
+    # an MFU only from a step time that counts every loop iteration (else it would be too high)
+    mfu = re.search(rf"MFU \(compiler estimate\): {number}%", out)
+    assert (mfu is None) == ("each loop body counted once" in out), out
+    if mfu:
+        values["mfu"] = float(mfu.group(1))
+    return values
 
 
 class Logged(logging.Handler):
@@ -167,7 +172,7 @@ def test_every_stage_compiles_for_tpu_topologies_with_consistent_figures(config,
     values = figures(out)
     assert all(value > 0 for value in values.values()), values
     assert values["peak"] >= values["arguments"] and values["peak"] >= values["temporaries"]
-    assert values["mfu"] < 100
+    assert values.get("mfu", 0) < 100
     assert "batch (from the stage's collate)" in out
     mesh = tuple(int(n) for n in TARGETS[target][1].split(","))
     assert f"mesh (data, fsdp, tensor) = {mesh}" in out
@@ -268,7 +273,7 @@ def test_infer_compiles_the_prefill_and_a_decode_step_greedy_and_with_beams(caps
     for section in sections[:3]:
         values = figures(section)  # a tiny decode step's temporaries and MFU may print as 0.000 / 0.0
         assert all(values[name] > 0 for name in ("arguments", "step_ms", "traced_tflop", "xla_tflop")), values
-        assert values["peak"] >= values["arguments"] and values["mfu"] < 100
+        assert values["peak"] >= values["arguments"] and values.get("mfu", 0) < 100
     greedy, beams = figures(sections[1]), figures(sections[2])
     assert beams["traced_tflop"] == pytest.approx(5 * greedy["traced_tflop"], rel=0.05)  # 5 x the rows
     assert "largest peak:" in out

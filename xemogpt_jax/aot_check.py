@@ -405,6 +405,10 @@ def print_estimate(cost: Cost, flops: float, target: Target, n: int, tokens: int
     from xemogpt_jax import metrics
 
     seconds, how = step_seconds(cost, target.chip)
+    if cost.loops:  # the time counts each loop body once: too low, and an MFU from it would be too high
+        print(f"step time (compiler estimate, each loop body counted once: too low): {seconds * 1e3:.3f} ms ({how})")
+        print("MFU: not estimated (the step time above counts each loop body once; --unrolled-cost counts them all)")
+        return seconds
     mfu = metrics.mfu(flops, seconds, target.chip.peak_bf16_flops, n)
     print(f"step time (compiler estimate): {seconds * 1e3:.3f} ms ({how})")
     print(f"MFU (compiler estimate): {100 * mfu:.1f}% = {flops / n / 1e12:.4f} TFLOP per chip / "
@@ -604,8 +608,9 @@ def run_search(args: argparse.Namespace, s: Setup) -> int:
     if winner is None:
         raise UsageError(f"no layout tried fits the {s.target.chip.hbm_bytes / GIB:g} GiB HBM of a "
                          f"{s.target.chip.name}; {REMEDIES}")
+    mfu = f"MFU {100 * winner.mfu:.1f}%" if winner.mfu is not None else "no MFU: loop bodies counted once"
     print(f"\nlaunch with ({aot_search.describe(winner.layout)}: {winner.rate_per_chip:.1f} {unit}/s per chip, "
-          f"MFU {100 * winner.mfu:.1f}%, compiler estimates):")
+          f"{mfu}, compiler estimates):")
     print(f"  tools/launch_tpu_pod.sh train TPU_NAME ZONE {args.config} gs://BUCKET/RUN "
           + " ".join(winner.layout.overrides()))
     return 0

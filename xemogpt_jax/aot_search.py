@@ -158,7 +158,8 @@ def search(args: Any, s: Any) -> list[Result]:
         result.seconds, _ = aot_check.step_seconds(cost, s.target.chip)
         with jax.set_mesh(mesh):
             flops = metrics.traced_flops(step.jitted, step.trained, step.frozen, step.batch)
-        result.mfu = metrics.mfu(flops, result.seconds, s.target.chip.peak_bf16_flops, len(s.devices))
+        if not cost.loops:  # a time that counts each loop body once would give too high an MFU
+            result.mfu = metrics.mfu(flops, result.seconds, s.target.chip.peak_bf16_flops, len(s.devices))
         tokens = step.batch.get("token_ids")
         result.items = layout.global_batch * (tokens.shape[1] if tokens is not None else 1)
     return results
@@ -184,7 +185,8 @@ def print_table(results: list[Result], unit: str, hbm_bytes: int) -> None:
         layout = r.layout
         peak = f"{r.peak / gib:8.2f}" if r.peak is not None else f"{'over':>8}"
         share = f"{100 * r.peak / hbm_bytes:6.1f}" if r.peak is not None else f"{'-':>6}"
-        timing = (f"{r.seconds * 1e3:9.2f} {r.rate_per_chip:14.1f} {100 * r.mfu:6.1f}" if r.seconds
+        mfu = f"{100 * r.mfu:6.1f}" if r.mfu is not None else f"{'-':>6}"
+        timing = (f"{r.seconds * 1e3:9.2f} {r.rate_per_chip:14.1f} {mfu}" if r.seconds
                   else f"{'-':>9} {'-':>14} {'-':>6}")
         fit = "" if r.fits else "  does not fit"
         print(f"{rank:>4}  {','.join(map(str, layout.mesh)):<8} {layout.remat or '-':<34} {layout.remat_towers:<10} "
