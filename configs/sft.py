@@ -42,7 +42,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # Width of the bridges' stage 1-2 heads (unused here; it must match the checkpoints of init_from.*_bridge).
     c.model.align_dim = video.align_dim  # one width for both bridges' heads
     c.model.remat = "full"  # LLM layers in the backward pass: the choices of model.remat_towers (configs/common.py)
-    c.model.unroll_layers = False  # True unrolls the LLM layer scan: faster at a few layers, slower to compile
     c.model.lora = ml_collections.ConfigDict(
         dict(rank=512, alpha=512.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))
     c.model.train_bridges = True  # False: bridges frozen in stage 3

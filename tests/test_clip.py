@@ -141,9 +141,13 @@ def test_key_map_is_invertible_and_covers_every_parameter(hf_clip_dir):
     hf, _ = hf_clip_dir
     hf_params = dict(hf.named_parameters())
     model = nnx.eval_shape(lambda: CLIPModel(CLIPConfig.from_hf(hf.config.to_dict()), rngs=nnx.Rngs(0)))
-    ours = [tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-    assert sorted(hf_key_for(p)[0] for p in ours) == sorted(hf_params)
-    assert all(key_map(hf_key_for(p)[0]).path == p for p in ours)
+    names = {}  # HF key -> (our path, slot of the stacked encoder layers)
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        path = tuple(path)
+        slots = range(variable.get_value().shape[0]) if "layers" in path else [None]
+        names.update({hf_key_for(path, index)[0]: (path, index) for index in slots})
+    assert sorted(names) == sorted(hf_params)
+    assert all((key_map(name).path, key_map(name).index) == slot for name, slot in names.items())
 
 
 def test_sharded_vision_forward_equals_single_device(hf_clip_dir, devices):
@@ -154,7 +158,7 @@ def test_sharded_vision_forward_equals_single_device(hf_clip_dir, devices):
 
     mesh = sharding.make_mesh((2, 2, 2))
     sharded, _ = load_clip_vision(path, mesh=mesh)
-    assert sharded.encoder.layers[0].mlp.fc1.kernel[...].sharding.spec == P("fsdp", "tensor")
+    assert sharded.encoder.layers.mlp.fc1.kernel[...].sharding.spec == P(None, "fsdp", "tensor")  # stacked layers
     with jax.set_mesh(mesh):
         batch = jax.device_put(images, sharding.batch_sharding(mesh, 4))
         out = vision_forward(sharded, batch).last_hidden_state
@@ -166,7 +170,7 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_fp32(hf_clip_dir):
     _, path = hf_clip_dir
     fp32, _ = load_clip_vision(path)
     bf16, _ = load_clip_vision(path, dtype=jnp.bfloat16)
-    assert bf16.encoder.layers[0].mlp.fc1.kernel[...].dtype == jnp.float32
+    assert bf16.encoder.layers.mlp.fc1.kernel[...].dtype == jnp.float32
     images = jnp.asarray(pixels(2))
     out = vision_forward(bf16, images).last_hidden_state
     assert out.dtype == jnp.bfloat16

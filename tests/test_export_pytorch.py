@@ -158,13 +158,14 @@ def test_peft_export_loads_with_peft_and_reimports(world, checkpoint, mesh, tmp_
 
 
 def test_release_names_invert_over_the_paper_scale_tree():
-    """Every parameter (and LLM layer slot) of the paper-scale model has one release name that maps back to it."""
+    """Every parameter (and stacked layer slot: LLM, CLIP and HuBERT towers) of the paper-scale model has one release
+    name that maps back to it."""
     paper = run_config.xemogpt_config(sft.get_config())
     model = nnx.eval_shape(lambda: XEmoGPT(paper, rngs=nnx.Rngs(0)))
     names = set()
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         shape = variable.get_value().shape
-        stacked = tuple(path[:2]) == ("llm", "layers")
+        stacked = xemogpt_params.is_stacked(tuple(path))
         for index in range(shape[0]) if stacked else [None]:
             name, to_release = xemogpt_params.release_name(tuple(path), index)
             target = xemogpt_params.release_key_map(name)
@@ -175,4 +176,7 @@ def test_release_names_invert_over_the_paper_scale_tree():
             names.add(name)
     assert "llm_model.base_model.model.model.layers.35.self_attn.v_proj.lora_B.default.weight" in names
     assert "visual_encoder.temporal_disc_head.2.weight" in names
+    assert "visual_encoder.clip.vision_model.encoder.layers.23.mlp.fc2.weight" in names
+    assert "audio_encoder.audio_encoder.encoder.layers.23.final_layer_norm.bias" in names
+    assert "visual_encoder.visual_alignment_layer.1.self_attn.out_proj.weight" in names
     assert "audio_encoder.audio_encoder.encoder.pos_conv_embed.conv.parametrizations.weight.original0" in names

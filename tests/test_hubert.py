@@ -174,8 +174,8 @@ def test_sharded_forward_equals_single_device(tmp_path, devices):
 
     mesh = sharding.make_mesh((2, 2, 2))
     model, _ = load_hubert(tmp_path, mesh=mesh)
-    kernel = model.encoder.layers[0].attention.q_proj.kernel[...]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    kernel = model.encoder.layers.attention.q_proj.kernel[...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")  # stacked layers
     with jax.set_mesh(mesh):
         batch = jax.device_put((values, mask), sharding.batch_sharding(mesh, 2))
         hidden, frames = forward(model, *batch)

@@ -11,8 +11,11 @@ compiler in libtpu, run on this host: no TPU needed). It prints, per device (per
 - cost: XLA's FLOPs and bytes, its estimated step time (``optimal_seconds``, TPU only) and the MFU that time
   implies for our traced FLOPs (:func:`xemogpt_jax.metrics.traced_flops`) at the chip's bf16 peak.
 
+``--infer`` compiles inference instead (:mod:`xemogpt_jax.aot_infer`: the prefill and a decode step), and
+``--search`` ranks layouts (:mod:`xemogpt_jax.aot_search`: meshes, remat, batch) by estimated tokens/s per chip.
+
 Every figure is a compiler estimate, not a measurement. XLA's cost analysis counts a loop body once, so a
-step whose LLM layers run under ``lax.scan`` would show one layer's cost: when the compiled step has a loop,
+step whose layers run under ``lax.scan`` (LLM, CLIP, HuBERT) would show one layer's cost: when it has a loop,
 its cost comes from a second compile with the layer scan unrolled (``model.unroll_layers``), while its memory
 comes from the step as configured. :func:`scan_free_cost` is that method (tests/test_aot_tpu.py checks it
 against a hand-computed roofline). ``--mesh`` takes 2 or 3 entries (tensor defaults to 1; default: the
@@ -22,6 +25,7 @@ config's ``mesh.shape``).
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib.util
 import math
@@ -246,6 +250,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--audio-seconds", type=float, default=None, help="audio input length (default: the config's)")
     parser.add_argument("--unrolled-cost", action=argparse.BooleanOptionalAction, default=True,
                         help="where the step has loops, compile it again unrolled for the cost figures (default)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field, e.g. --set model.attention=splash (repeatable)")
+    parser.add_argument("--infer", action="store_true",
+                        help="compile inference instead (stage 3): a full clip prompt's prefill and one decode step "
+                             "with the KV cache, greedy and at --beams; --batch-size counts clips")
+    parser.add_argument("--beams", type=int, default=5, help="--infer: beams of the beam-search step (release: 5)")
+    parser.add_argument("--max-new-tokens", type=int, default=756,
+                        help="--infer: KV-cache room for generated tokens (release: 756)")
+    parser.add_argument("--search", action="store_true",
+                        help="try meshes, remat choices and batches on a TPU target; rank what fits by estimated "
+                             "tokens/s per chip and print the layout to launch with")
+    parser.add_argument("--search-meshes", default=None,
+                        help="--search: data,fsdp,tensor;... (default: every power-of-two split, --search-tensor)")
+    parser.add_argument("--search-tensor", default="1,2,4", help="--search: tensor splits to try (default 1,2,4)")
+    parser.add_argument("--search-remat", default="full,dots_with_no_batch_dims_saveable",
+                        help="--search: model.remat choices for the LLM layers")
+    parser.add_argument("--search-remat-towers", default="none",
+                        help="--search: model.remat_towers choices for the tower and bridge layers")
+    parser.add_argument("--search-batch", default="1,2,4", help="--search: rows per data x fsdp shard to try")
     return parser.parse_args(argv)
 
 
@@ -320,122 +343,276 @@ def gib(n: float) -> str:
     return f"{n / GIB:9.3f} GiB"
 
 
-def run(args: argparse.Namespace) -> int:
-    from xemogpt_jax import config_files
-
-    try:
-        config = config_files.load(args.config)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(str(error)) from None
-    shape = mesh_shape_of(args, config)
-    target = parse_target(args.target or default_target(shape))
-    if args.audio_seconds is not None:
-        if "max_audio_seconds" not in config.data:
-            raise UsageError(f"--audio-seconds: stage {config.stage} takes no audio")
-        config.data.max_audio_seconds = args.audio_seconds
-    devices = target_devices(target)
-
-    import jax
-
-    from xemogpt_jax import metrics, sharding
-
-    try:
-        shape = sharding.resolve_mesh_shape(shape, len(devices))
-    except ValueError as error:
-        raise UsageError(f"{error} on --target {args.target or default_target(shape)}") from None
-    mesh = make_mesh(target, devices, shape)
-    batch_size = args.batch_size or config.data.batch_size
-    batch_shards = shape[0] * shape[1]
-    if batch_size % batch_shards:
-        raise UsageError(f"global batch {batch_size} does not divide over data x fsdp = {batch_shards} devices; "
-                       f"try --batch-size {batch_shards * max(1, batch_size // batch_shards)}")
-    step = build_step(config, mesh, batch_size, args.seq_len)
-    where = f"tpu:{target.topology} ({len(devices)} x {target.chip.name})" if target.chip else f"cpu:{len(devices)}"
-    lengths = ", ".join(f"{name} {tuple(spec.shape)}" for name, spec in step.batch.items())
-    print(f"config {args.config} (stage {config.stage}): target {where}, mesh (data, fsdp, tensor) = {shape}, "
-          f"global batch {batch_size}, compute dtype {config.dtype}")
-    print(f"batch (from the stage's collate): {lengths}")
-    print(f"parameters: {step.total_params / 1e9:.3f} B total, {step.trainable_params / 1e6:.1f} M trainable; "
-          f"optimizer + trained state {step.trained_values / 1e6:.1f} M values")
-
-    can_unroll = "model" in config and "unroll_layers" in config.model and not config.model.unroll_layers
-
-    def compile_step(unrolled: bool) -> Any:
-        if not unrolled:
-            with jax.set_mesh(mesh):
-                return compile_lowered(step.lower)
-        other = step
-        if can_unroll:
-            unrolled_config = config.copy_and_resolve_references()
-            unrolled_config.model.unroll_layers = True
-            other = build_step(unrolled_config, mesh, batch_size, args.seq_len)
-        options = UNROLL_PARTITIONER_LOOPS if target.kind == "tpu" else {}
-        with jax.set_mesh(mesh):
-            return compile_lowered(lambda: other.lower(), options)
-
-    start = time.perf_counter()
-    compiled = compile_step(False)
-    seconds = time.perf_counter() - start
-    print(f"lowered and compiled in {seconds:.1f} s", flush=True)
-    unit = target.unit
-    memory = memory_of(compiled)
+def print_memory(memory: Memory | None, target: Target) -> None:
     if memory is None:
         print("this backend gives no memory analysis")
-    else:
-        print(f"per-{unit} memory (compiler estimate):")
-        print(f"  arguments (state + batch) {gib(memory.arguments)}")
-        aliased = gib(memory.aliased).strip()
-        print(f"  outputs                   {gib(memory.outputs)}  ({aliased} aliased to donated inputs)")
-        print(f"  temporaries               {gib(memory.temporaries)}")
-        line = f"  peak ~ args + outputs - aliased + temps = {gib(memory.peak).strip()}"
-        if target.chip:
-            hbm = target.chip.hbm_bytes
-            line += f" = {100 * memory.peak / hbm:.1f}% of the {hbm / GIB:g} GiB HBM"
-        print(line)
+        return
+    print(f"per-{target.unit} memory (compiler estimate):")
+    print(f"  arguments (state + batch) {gib(memory.arguments)}")
+    aliased = gib(memory.aliased).strip()
+    print(f"  outputs                   {gib(memory.outputs)}  ({aliased} aliased to donated inputs)")
+    print(f"  temporaries               {gib(memory.temporaries)}")
+    line = f"  peak ~ args + outputs - aliased + temps = {gib(memory.peak).strip()}"
+    if target.chip:
+        hbm = target.chip.hbm_bytes
+        line += f" = {100 * memory.peak / hbm:.1f}% of the {hbm / GIB:g} GiB HBM"
+    print(line)
 
+
+def costed(compiled: Any, compile_step: Callable[[bool], Any], unrolled_cost: bool, unit: str) -> Cost:
+    """The compiled program's cost with every loop iteration counted (see :func:`scan_free_cost`), saying how."""
     start = time.perf_counter()
     as_configured = cost_of(compiled)
-    if as_configured.loops and args.unrolled_cost:
+    if as_configured.loops and unrolled_cost:
         seconds_text = f"{as_configured.seconds * 1e3:.3f} ms" if as_configured.seconds else "none"
-        print(f"the step as configured has {as_configured.loops} loop(s); XLA's counts with each body once: "
+        print(f"it has {as_configured.loops} loop(s); XLA's counts with each body once: "
               f"{as_configured.flops / 1e12:.4g} TFLOP per {unit}, step time {seconds_text}; compiling it unrolled",
               flush=True)
-    if args.unrolled_cost:
+    if unrolled_cost:
         cost, unrolled = scan_free_cost(compile_step, compiled)
     else:
-        cost, unrolled = cost_of(compiled), False
+        cost, unrolled = as_configured, False
     if unrolled:
         print(f"cost from the step compiled again with its loops unrolled ({time.perf_counter() - start:.1f} s): "
               "XLA counts a loop body once")
         if cost.loops:
             print(f"note: {cost.loops} loop(s) remain; XLA counts their bodies once, so the cost figures are low")
     elif cost.loops:
-        print(f"note: the step has {cost.loops} loop(s) whose bodies XLA counts once; cost figures are low "
+        print(f"note: it has {cost.loops} loop(s) whose bodies XLA counts once; cost figures are low "
               "(--unrolled-cost counts every iteration)")
-    with jax.set_mesh(mesh):
-        flops = metrics.traced_flops(step.jitted, step.trained, step.frozen, step.batch)
-    n = len(devices)
+    return cost
+
+
+def step_seconds(cost: Cost, chip: Chip) -> tuple[float, str]:
+    """XLA's estimated run time, or where its TPU cost model answers -1 (seen with fsdp > 1) its counts' roofline."""
+    if cost.seconds is not None:
+        return cost.seconds, "XLA's optimal_seconds"
+    return cost.roofline_seconds(chip), (
+        f"XLA gives none for this program; roofline of its counts: {chip.peak_bf16_flops / 1e12:g} "
+        f"TFLOP/s, {chip.hbm_bytes_per_second / 1e9:g} GB/s")
+
+
+def print_estimate(cost: Cost, flops: float, target: Target, n: int, tokens: int | None = None) -> float | None:
+    """Print the FLOPs, the step time and MFU (TPU only); returns the estimated seconds (None: no estimate)."""
+    unit = target.unit
     print(f"step FLOPs (matmuls and convolutions, every layer counted): {flops / 1e12:.4g} TFLOP, "
           f"{flops / n / 1e12:.4g} TFLOP per {unit}")
     print(f"per-{unit} cost (compiler estimate): {cost.flops / 1e12:.4g} TFLOP (all ops), "
           f"{cost.bytes_accessed / GIB:.4g} GiB accessed")
     if target.chip is None:
         print("step time: this backend gives no estimate (the TPU compiler does: --target tpu:<topology>)")
-    else:
-        if cost.seconds is not None:
-            seconds, how = cost.seconds, "XLA's optimal_seconds"
-        else:  # the TPU cost model answers -1 for some programs (seen with fsdp > 1)
-            seconds = cost.roofline_seconds(target.chip)
-            how = (f"XLA gives none for this program; roofline of its counts: {target.chip.peak_bf16_flops / 1e12:g} "
-                   f"TFLOP/s, {target.chip.hbm_bytes_per_second / 1e9:g} GB/s")
-        mfu = metrics.mfu(flops, seconds, target.chip.peak_bf16_flops, n)
-        print(f"step time (compiler estimate): {seconds * 1e3:.3f} ms ({how})")
-        print(f"MFU (compiler estimate): {100 * mfu:.1f}% = {flops / n / 1e12:.4f} TFLOP per chip / "
-              f"{seconds * 1e3:.3f} ms / {target.chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16 peak")
+        return None
+    from xemogpt_jax import metrics
+
+    seconds, how = step_seconds(cost, target.chip)
+    if cost.loops:  # the time counts each loop body once: too low, and an MFU from it would be too high
+        print(f"step time (compiler estimate, each loop body counted once: too low): {seconds * 1e3:.3f} ms ({how})")
+        print("MFU: not estimated (the step time above counts each loop body once; --unrolled-cost counts them all)")
+        return seconds
+    mfu = metrics.mfu(flops, seconds, target.chip.peak_bf16_flops, n)
+    print(f"step time (compiler estimate): {seconds * 1e3:.3f} ms ({how})")
+    print(f"MFU (compiler estimate): {100 * mfu:.1f}% = {flops / n / 1e12:.4f} TFLOP per chip / "
+          f"{seconds * 1e3:.3f} ms / {target.chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16 peak")
+    if tokens:
+        print(f"tokens/s per chip (compiler estimate): {tokens / seconds / n:.1f}")
+    return seconds
+
+
+def check_fits(memory: Memory | None, target: Target) -> None:
     if memory is not None and target.chip and memory.peak > target.chip.hbm_bytes:
         over = (memory.peak - target.chip.hbm_bytes) / GIB
         raise UsageError(f"does not fit: peak {memory.peak / GIB:.2f} GiB per chip is {over:.2f} GiB over the "
-                       f"{target.chip.hbm_bytes / GIB:g} GiB HBM of a {target.chip.name}; {REMEDIES}")
+                         f"{target.chip.hbm_bytes / GIB:g} GiB HBM of a {target.chip.name}; {REMEDIES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    config: Any
+    target: Target
+    devices: list[Any]
+    shape: tuple[int, ...]
+    mesh: Any
+    batch_size: int
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """The config, target, devices and mesh the flags name, each mistake one line."""
+    from xemogpt_jax import config_files
+
+    try:
+        config = config_files.load(args.config)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    for assignment in args.set:
+        override(config, assignment)
+    shape = mesh_shape_of(args, config)
+    target = parse_target(args.target or default_target(shape))
+    if args.infer and config.stage != "sft":
+        raise UsageError(f"--infer: inference runs the stage-3 model (configs/sft.py), not stage {config.stage}")
+    if args.search and target.chip is None:
+        raise UsageError("--search ranks layouts by the TPU compiler's step time: give --target tpu:<topology>")
+    if args.audio_seconds is not None:
+        if "max_audio_seconds" not in config.data:
+            raise UsageError(f"--audio-seconds: stage {config.stage} takes no audio")
+        config.data.max_audio_seconds = args.audio_seconds
+    if "model" in config and config.model.get("attention") == "auto":
+        # compiled here on a CPU host, but for the target: ``auto`` is what the target's own run picks
+        from xemogpt_jax.models.attention import backend_for
+
+        config.model.attention = backend_for(target.kind)
+    devices = target_devices(target)
+
+    from xemogpt_jax import sharding
+
+    try:
+        shape = sharding.resolve_mesh_shape(shape, len(devices))
+    except ValueError as error:
+        raise UsageError(f"{error} on --target {args.target or default_target(shape)}") from None
+    batch_size = args.batch_size or config.data.batch_size
+    batch_shards = shape[0] * shape[1]
+    if batch_size % batch_shards:
+        raise UsageError(f"global batch {batch_size} does not divide over data x fsdp = {batch_shards} devices; "
+                         f"try --batch-size {batch_shards * max(1, batch_size // batch_shards)}")
+    return Setup(config, target, devices, shape, make_mesh(target, devices, shape), batch_size)
+
+
+def override(config: Any, assignment: str) -> None:
+    """``--set a.b=value`` into an existing field; the value read as a Python literal where it is one, else as text."""
+    field, equals, text = assignment.partition("=")
+    *parents, name = field.split(".")
+    node = config
+    for part in parents:
+        node = node.get(part) if hasattr(node, "get") else None
+    if not equals or node is None or name not in node:
+        raise UsageError(f"--set {assignment}: expected FIELD=VALUE with FIELD a field of the config, "
+                         "e.g. model.attention=splash")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    try:
+        node[name] = value
+    except TypeError as error:
+        raise UsageError(f"--set {assignment}: {error}") from None
+
+
+def describe(s: Setup, args: argparse.Namespace) -> str:
+    where = f"tpu:{s.target.topology} ({len(s.devices)} x {s.target.chip.name})" if s.target.chip else \
+        f"cpu:{len(s.devices)}"
+    return (f"config {args.config} (stage {s.config.stage}): target {where}, mesh (data, fsdp, tensor) = {s.shape}, "
+            f"global batch {s.batch_size}, compute dtype {s.config.dtype}"
+            + (f", attention {s.config.model.attention}" if "model" in s.config else ""))
+
+
+def unrolled_copy(config: Any) -> Any | None:
+    """The config with every layer scan unrolled (None where it has no such switch or is unrolled already)."""
+    if "model" not in config or "unroll_layers" not in config.model or config.model.unroll_layers:
+        return None
+    unrolled = config.copy_and_resolve_references()
+    unrolled.model.unroll_layers = True
+    return unrolled
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.infer and args.search:
+        raise UsageError("--infer and --search: give one (the search lays out the train step)")
+    s = setup(args)
+    if args.infer:
+        return run_infer(args, s)
+    if args.search:
+        return run_search(args, s)
+
+    import jax
+
+    from xemogpt_jax import metrics
+
+    step = build_step(s.config, s.mesh, s.batch_size, args.seq_len)
+    lengths = ", ".join(f"{name} {tuple(spec.shape)}" for name, spec in step.batch.items())
+    print(describe(s, args))
+    print(f"batch (from the stage's collate): {lengths}")
+    print(f"parameters: {step.total_params / 1e9:.3f} B total, {step.trainable_params / 1e6:.1f} M trainable; "
+          f"optimizer + trained state {step.trained_values / 1e6:.1f} M values")
+    unrolled_config = unrolled_copy(s.config)
+
+    def compile_step(unrolled: bool) -> Any:
+        other = step
+        if unrolled and unrolled_config is not None:
+            other = build_step(unrolled_config, s.mesh, s.batch_size, args.seq_len)
+        options = UNROLL_PARTITIONER_LOOPS if unrolled and s.target.kind == "tpu" else {}
+        with jax.set_mesh(s.mesh):
+            return compile_lowered(other.lower, options)
+
+    start = time.perf_counter()
+    compiled = compile_step(False)
+    print(f"lowered and compiled in {time.perf_counter() - start:.1f} s", flush=True)
+    memory = memory_of(compiled)
+    print_memory(memory, s.target)
+    cost = costed(compiled, compile_step, args.unrolled_cost, s.target.unit)
+    with jax.set_mesh(s.mesh):
+        flops = metrics.traced_flops(step.jitted, step.trained, step.frozen, step.batch)
+    tokens = s.batch_size * step.batch["token_ids"].shape[1] if "token_ids" in step.batch else None
+    print_estimate(cost, flops, s.target, len(s.devices), tokens)
+    check_fits(memory, s.target)
+    return 0
+
+
+def run_infer(args: argparse.Namespace, s: Setup) -> int:
+    """Compile the inference programs (:mod:`xemogpt_jax.aot_infer`) and print each one's figures."""
+    import jax
+
+    from xemogpt_jax import aot_infer, metrics
+
+    def programs(config: Any) -> list[aot_infer.Program]:
+        return aot_infer.build_programs(config, s.mesh, s.batch_size, args.seq_len, args.beams, args.max_new_tokens)
+
+    print(describe(s, args).replace("global batch", "clips"))
+    configured = programs(s.config)
+    unrolled_config = unrolled_copy(s.config)
+    worst: aot_infer.Program | None = None
+    worst_memory: Memory | None = None
+    for index, program in enumerate(configured):
+        print(f"\n{program.name}")
+
+        def compile_program(unrolled: bool, index: int = index, program: aot_infer.Program = program) -> Any:
+            chosen = programs(unrolled_config)[index] if unrolled and unrolled_config is not None else program
+            options = UNROLL_PARTITIONER_LOOPS if unrolled and s.target.kind == "tpu" else {}
+            with jax.set_mesh(s.mesh):
+                return compile_lowered(chosen.lower, options)
+
+        start = time.perf_counter()
+        compiled = compile_program(False)
+        print(f"lowered and compiled in {time.perf_counter() - start:.1f} s", flush=True)
+        memory = memory_of(compiled)
+        print_memory(memory, s.target)
+        cost = costed(compiled, compile_program, args.unrolled_cost, s.target.unit)
+        with jax.set_mesh(s.mesh):
+            flops = metrics.traced_flops(program.jitted, *program.args)
+        print_estimate(cost, flops, s.target, len(s.devices), program.tokens)
+        if memory is not None and (worst_memory is None or memory.peak > worst_memory.peak):
+            worst, worst_memory = program, memory
+    if worst is not None:
+        print(f"\nlargest peak: {worst.name}, {worst_memory.peak / GIB:.3f} GiB per {s.target.unit}")
+    check_fits(worst_memory, s.target)
+    return 0
+
+
+def run_search(args: argparse.Namespace, s: Setup) -> int:
+    """Rank the layouts :mod:`xemogpt_jax.aot_search` tries and say which to launch with."""
+    from xemogpt_jax import aot_search
+
+    print(describe(s, args).split(", mesh")[0] + ": searching layouts (every figure a compiler estimate)")
+    results = aot_search.search(args, s)
+    unit = "tokens" if any(r.items > r.layout.global_batch for r in results) else "clips"
+    aot_search.print_table(results, unit, s.target.chip.hbm_bytes)
+    winner = aot_search.best(results)
+    if winner is None:
+        raise UsageError(f"no layout tried fits the {s.target.chip.hbm_bytes / GIB:g} GiB HBM of a "
+                         f"{s.target.chip.name}; {REMEDIES}")
+    mfu = f"MFU {100 * winner.mfu:.1f}%" if winner.mfu is not None else "no MFU: loop bodies counted once"
+    print(f"\nlaunch with ({aot_search.describe(winner.layout)}: {winner.rate_per_chip:.1f} {unit}/s per chip, "
+          f"{mfu}, compiler estimates):")
+    print(f"  tools/launch_tpu_pod.sh train TPU_NAME ZONE {args.config} gs://BUCKET/RUN "
+          + " ".join(winner.layout.overrides()))
     return 0
 
 

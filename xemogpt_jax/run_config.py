@@ -107,13 +107,15 @@ def attention_config(run: RunConfig) -> AttentionConfig:
 
 
 def with_runtime_options(config: Any, run: RunConfig) -> Any:
-    """An encoder config (CLIP, HuBERT, BERT; both CLIP towers) with the run's attention and tower remat."""
+    """An encoder config (CLIP, HuBERT, BERT; both CLIP towers) with the run's attention, tower remat and unroll."""
     if isinstance(config, CLIPConfig):
         return dataclasses.replace(
             config, text=with_runtime_options(config.text, run), vision=with_runtime_options(config.vision, run)
         )
     names = {f.name for f in dataclasses.fields(config)}
-    options = dict(attention=attention_config(run), remat=remat_name(as_dict(run).get("model", {}).get("remat_towers")))
+    model = as_dict(run).get("model", {})
+    options = dict(attention=attention_config(run), remat=remat_name(model.get("remat_towers")),
+                   unroll_layers=bool(model.get("unroll_layers", False)))
     return dataclasses.replace(config, **{k: v for k, v in options.items() if k in names})
 
 

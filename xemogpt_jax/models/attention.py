@@ -184,9 +184,12 @@ class AttentionConfig:
 
     def resolved(self) -> str:
         """The backend that runs on the default platform."""
-        if self.impl != "auto":
-            return self.impl
-        return {"tpu": "splash", "gpu": "cudnn"}.get(jax.default_backend(), "blocked")
+        return self.impl if self.impl != "auto" else backend_for(jax.default_backend())
+
+
+def backend_for(platform: str) -> str:
+    """What ``auto`` runs on a platform (``tpu``, ``gpu``, ``cpu``)."""
+    return {"tpu": "splash", "gpu": "cudnn"}.get(platform, "blocked")
 
 
 def _log_choice(impl: str, where: str) -> None:

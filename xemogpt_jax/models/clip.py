@@ -26,10 +26,10 @@ from xemogpt_jax.models.layers import (
     Linear,
     SelfAttention,
     activation,
-    call_layer,
     default_init,
     param,
 )
+from xemogpt_jax.models.stack import scan_layers, stack_layers
 from xemogpt_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", "length", "embed")
@@ -52,6 +52,7 @@ class CLIPEncoderConfig:
     layer_norm_eps: float = 1e-5
     attention: AttentionConfig = AttentionConfig()  # run-time option, not part of the HF architecture
     remat: str = "none"  # run-time option: layers.REMAT_CHOICES, per encoder layer
+    unroll_layers: bool = False  # run-time option: unroll the layer scan (the compiler then costs every layer)
 
     @property
     def head_dim(self) -> int:
@@ -148,21 +149,20 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
-    """A stack of ``num_hidden_layers`` encoder layers (a Python loop: 24 layers compile quickly)."""
+    """``num_hidden_layers`` encoder layers, stacked and scanned (the compiler traces one layer)."""
 
     def __init__(
         self, config: CLIPEncoderConfig, *, rngs: nnx.Rngs, dtype: DType = None, param_dtype: DType = jnp.float32
     ):
-        self.layers = nnx.List(
-            CLIPEncoderLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-            for _ in range(config.num_hidden_layers)
+        self.layers = stack_layers(
+            lambda layer_rngs: CLIPEncoderLayer(config, rngs=layer_rngs, dtype=dtype, param_dtype=param_dtype),
+            config.num_hidden_layers, rngs,
         )
         self.remat = config.remat
+        self.unroll = config.unroll_layers
 
     def __call__(self, x: jax.Array, attention_bias: jax.Array | None = None) -> jax.Array:
-        for layer in self.layers:
-            x = call_layer(layer, self.remat, x, attention_bias)
-        return x
+        return scan_layers(self.layers, x, attention_bias, remat=self.remat, unroll=self.unroll)
 
 
 class CLIPVisionOutput(NamedTuple):

@@ -47,12 +47,13 @@ GROUPS = {
     "projection": r"visual_projection|text_projection",
 }
 
-# (HF key template, our path template, transform kind)
+# (HF key template, our path template, transform kind). The encoder layers are stacked: HF's layer number
+# ``{layer}`` is a slot of our parameter's leading axis (``hf_io.Target.index``), not part of its path.
 RULES: tuple[tuple[str, str, str], ...] = (
-    ("{tower}.encoder.layers.{layer}.{linear}.weight", "{tower}.encoder.layers.{layer}.{linear}.kernel", "linear"),
-    ("{tower}.encoder.layers.{layer}.{linear}.bias", "{tower}.encoder.layers.{layer}.{linear}.bias", "copy"),
-    ("{tower}.encoder.layers.{layer}.{norm}.weight", "{tower}.encoder.layers.{layer}.{norm}.scale", "copy"),
-    ("{tower}.encoder.layers.{layer}.{norm}.bias", "{tower}.encoder.layers.{layer}.{norm}.bias", "copy"),
+    ("{tower}.encoder.layers.{layer}.{linear}.weight", "{tower}.encoder.layers.{linear}.kernel", "linear"),
+    ("{tower}.encoder.layers.{layer}.{linear}.bias", "{tower}.encoder.layers.{linear}.bias", "copy"),
+    ("{tower}.encoder.layers.{layer}.{norm}.weight", "{tower}.encoder.layers.{norm}.scale", "copy"),
+    ("{tower}.encoder.layers.{layer}.{norm}.bias", "{tower}.encoder.layers.{norm}.bias", "copy"),
     ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.patch_kernel", "conv"),
     ("vision_model.embeddings.class_embedding", "vision_model.embeddings.class_embedding", "copy"),
     (
@@ -90,17 +91,25 @@ def key_map(name: str) -> hf_io.Target | None:
     for hf_pattern, _, _, ours, kind in _COMPILED:
         match = hf_pattern.match(name)
         if match:
-            return hf_io.Target(_to_path(ours.format(**match.groupdict())), TRANSFORMS[kind].forward)
+            groups = match.groupdict()
+            layer = groups.pop("layer", None)
+            index = None if layer is None else int(layer)
+            return hf_io.Target(_to_path(ours.format(**groups)), TRANSFORMS[kind].forward, index)
     return None
 
 
-def hf_key_for(path: hf_io.StatePath) -> tuple[str, str]:
-    """Our ``CLIPModel`` parameter path -> (HF key, transform kind); the inverse of :func:`key_map`."""
+def hf_key_for(path: hf_io.StatePath, index: int | None = None) -> tuple[str, str]:
+    """Our ``CLIPModel`` parameter path (slot ``index`` of a stacked layer one) -> (HF key, transform kind).
+
+    The inverse of :func:`key_map`.
+    """
     dotted = ".".join(map(str, path))
     for _, hf, our_pattern, _, kind in _COMPILED:
         match = our_pattern.match(dotted)
         if match:
-            return hf.format(**match.groupdict()), kind
+            if ("{layer}" in hf) != (index is not None):
+                raise KeyError(f"{dotted}: a layer index is {'needed' if index is None else 'not taken'}")
+            return hf.format(layer=index, **match.groupdict()), kind
     raise KeyError(f"no HF key for parameter {dotted}")
 
 
@@ -113,7 +122,7 @@ def vision_key_map(name: str) -> hf_io.Target | None:
     target = key_map(name if name.startswith(("vision_model.", "text_model.")) else f"vision_model.{name}")
     if target is None or target.path[0] != "vision_model":
         return None
-    return hf_io.Target(target.path[1:], target.transform)
+    return hf_io.Target(target.path[1:], target.transform, target.index)
 
 
 def hf_factory(path: str | Path, *, dtype: DType = None, param_dtype: DType = jnp.float32) -> Callable[[], CLIPModel]:

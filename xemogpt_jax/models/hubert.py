@@ -26,18 +26,18 @@ from xemogpt_jax.models.layers import (
     Linear,
     SelfAttention,
     activation,
-    call_layer,
     default_init,
     key_mask_bias,
     param,
 )
+from xemogpt_jax.models.stack import scan_layers, stack_layers
 from xemogpt_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", "length", None)
 
 
 # HubertConfig fields that from_hf / to_hf do not map one to one onto HF config.json keys
-RUNTIME_FIELDS = frozenset({"has_masked_spec_embed", "dtype", "param_dtype", "attention", "remat"})
+RUNTIME_FIELDS = frozenset({"has_masked_spec_embed", "dtype", "param_dtype", "attention", "remat", "unroll_layers"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,7 @@ class HubertConfig:
     param_dtype: DType = jnp.float32
     attention: AttentionConfig = AttentionConfig()
     remat: str = "none"  # layers.REMAT_CHOICES, per encoder layer
+    unroll_layers: bool = False  # unroll the encoder's layer scan (the compiler then costs every layer)
 
     def __post_init__(self) -> None:
         if not len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride):
@@ -276,15 +277,17 @@ class HubertPositionalConvEmbedding(nnx.Module):
 
 
 class HubertEncoder(nnx.Module):
-    """Positional conv + transformer layers, in the arrangement the config names."""
+    """Positional conv + transformer layers (stacked and scanned), in the arrangement the config names."""
 
     def __init__(self, config: HubertConfig, *, rngs: nnx.Rngs):
         layer_cls = HubertEncoderLayerStableLayerNorm if config.do_stable_layer_norm else HubertEncoderLayer
         self.pos_conv_embed = HubertPositionalConvEmbedding(config, rngs=rngs)
         self.layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, param_dtype=config.param_dtype)
-        self.layers = nnx.List([layer_cls(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        count = config.num_hidden_layers
+        self.layers = stack_layers(lambda layer_rngs: layer_cls(config, rngs=layer_rngs), count, rngs)
         self.stable_layer_norm = config.do_stable_layer_norm
         self.remat = config.remat
+        self.unroll = config.unroll_layers
 
     def __call__(self, x: jax.Array, frame_mask: jax.Array | None) -> jax.Array:
         bias = None
@@ -294,8 +297,8 @@ class HubertEncoder(nnx.Module):
         x = x + self.pos_conv_embed(x)
         if not self.stable_layer_norm:
             x = self.layer_norm(x)
-        for layer in self.layers:
-            x = constrain(call_layer(layer, self.remat, x, bias), HIDDEN_AXES)
+        x = scan_layers(self.layers, x, bias, remat=self.remat, unroll=self.unroll,
+                        after=lambda h: constrain(h, HIDDEN_AXES))
         return self.layer_norm(x) if self.stable_layer_norm else x
 
 

@@ -63,7 +63,8 @@ HUBERT_RULES: list[Rule] = [
     ("encoder.layer_norm.weight", "encoder/layer_norm/scale", None),
     ("encoder.layer_norm.bias", "encoder/layer_norm/bias", None),
     ("masked_spec_embed", "masked_spec_embed", None),
-    *[(f"encoder.layers.{{i}}.{hf}", f"encoder/layers/{{i}}/{ours}", t) for hf, ours, t in ENCODER_LAYER_RULES],
+    # the encoder layers are stacked: HF's layer number is a slot of our leading axis, not a path element
+    *[(f"encoder.layers.{{i}}.{hf}", f"encoder/layers/{ours}", t) for hf, ours, t in ENCODER_LAYER_RULES],
 ]
 
 
@@ -71,9 +72,12 @@ def _compile(rules: list[Rule]) -> list[tuple[re.Pattern[str], str, str | None]]
     return [(re.compile(re.escape(hf).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), ours, t) for hf, ours, t in rules]
 
 
-def _to_path(template: str, index: str | None) -> hf_io.StatePath:
+def _to_target(template: str, index: str | None, path_prefix: hf_io.StatePath, transform: str | None) -> hf_io.Target:
+    """The target of one matched rule: ``{i}`` is a path element (conv layers), or a stacked slot."""
+    slot = int(index) if index is not None and "{i}" not in template else None
     parts = template.replace("{i}", index or "").split("/")
-    return tuple(int(p) if p.isdigit() else p for p in parts)
+    path = path_prefix + tuple(int(p) if p.isdigit() else p for p in parts)
+    return hf_io.Target(path, TRANSFORMS[transform][0] if transform else None, slot)
 
 
 def make_key_map(rules: list[Rule], prefix: str = "", path_prefix: hf_io.StatePath = ()) -> hf_io.KeyMap:
@@ -87,8 +91,7 @@ def make_key_map(rules: list[Rule], prefix: str = "", path_prefix: hf_io.StatePa
         for pattern, ours, transform in compiled:
             match = pattern.match(name)
             if match:
-                path = path_prefix + _to_path(ours, match.groupdict().get("i"))
-                return hf_io.Target(path, TRANSFORMS[transform][0] if transform else None)
+                return _to_target(ours, match.groupdict().get("i"), path_prefix, transform)
         return None
 
     return key_map

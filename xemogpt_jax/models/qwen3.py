@@ -38,6 +38,7 @@ from xemogpt_jax.models.layers import (
     remat_name,
     remat_policy,
 )
+from xemogpt_jax.models.stack import prefix_layers_axis
 from xemogpt_jax.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -310,13 +311,6 @@ class DecoderLayer(nnx.Module):
         return constrain(x, ("batch", "length", "embed")), updated
 
 
-def _prefix_layers_axis(module: nnx.Module) -> None:
-    """Stacked parameters gain a leading ``"layers"`` logical axis."""
-    for _, variable in nnx.iter_graph(module):
-        if isinstance(variable, nnx.Variable) and "logical_axes" in variable.get_metadata():
-            variable.set_metadata("logical_axes", ("layers", *variable.get_metadata()["logical_axes"]))
-
-
 class Qwen3ForCausalLM(nnx.Module):
     """Token ids or input embeddings -> fp32 next-token logits; optionally through a :class:`KVCache`."""
 
@@ -330,7 +324,7 @@ class Qwen3ForCausalLM(nnx.Module):
             return DecoderLayer(config, rngs=layer_rngs)
 
         self.layers = make_layers(rngs)
-        _prefix_layers_axis(self.layers)
+        prefix_layers_axis(self.layers)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=config.param_dtype)
         if config.tie_word_embeddings:
             self.lm_head = None

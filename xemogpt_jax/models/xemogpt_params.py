@@ -62,17 +62,19 @@ _LORA_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B
 _BRIDGE_LAYER_RE = re.compile(r"^(\d+)\.(.+)$")
 _HUBERT_KEY_MAP = hubert_params.hubert_key_map()
 _HUBERT_LAYER_KEY_MAP = hubert_params.make_key_map(hubert_params.ENCODER_LAYER_RULES)
-_CLIP_LAYER = ("vision_model", "encoder", "layers", 0)
+_CLIP_LAYERS = ("vision_model", "encoder", "layers")  # CLIP's stacked encoder layers, the bridge's layer rules
+# our stacked parameters (one release tensor per slot of their leading axis)
+_STACKED = (("llm", "layers"), ("vision_tower", "encoder", "layers"), ("audio_tower", "encoder", "layers"))
 
 
 def _transpose(array: np.ndarray) -> np.ndarray:
     return np.swapaxes(array, -1, -2)
 
 
-def _under(prefix: StatePath, target: Target | None, strip: int = 0) -> Target | None:
+def _under(prefix: StatePath, target: Target | None) -> Target | None:
     if target is None:
         return None
-    return Target(prefix + tuple(target.path[strip:]), target.transform, target.index)
+    return Target(prefix + tuple(target.path), target.transform, target.index)
 
 
 def lora_target(name: str) -> Target | None:
@@ -103,7 +105,10 @@ def release_key_map(name: str) -> Target | None:
         return _under(("audio_tower",), _HUBERT_KEY_MAP(name[len(HUBERT) :]))
     if name.startswith(VECB_LAYER) and (found := _bridge_layer(name, VECB_LAYER)):
         target = clip_params.key_map("vision_model.encoder.layers.0." + found[1])
-        return _under(("vecb", "visual_alignment_layer", found[0]), target, strip=len(_CLIP_LAYER))
+        if target is None:
+            return None
+        path = ("vecb", "visual_alignment_layer", found[0]) + tuple(target.path[len(_CLIP_LAYERS) :])
+        return Target(path, target.transform)
     if name.startswith(AECB_LAYER) and (found := _bridge_layer(name, AECB_LAYER)):
         return _under(("aecb", "audio_alignment_layer", found[0]), _HUBERT_LAYER_KEY_MAP(found[1]))
     if name in TABLES:
@@ -171,13 +176,13 @@ def _hubert_inverse(rules: list[hubert_params.Rule]) -> Callable[[StatePath], tu
         (re.compile(re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)") + r"\Z"), hf, t) for hf, ours, t in rules
     ]
 
-    def inverse(path: StatePath) -> tuple[str, Callable | None]:
+    def inverse(path: StatePath, index: int | None = None) -> tuple[str, Callable | None]:
         dotted = "/".join(map(str, path))
         for pattern, hf, kind in compiled:
             match = pattern.match(dotted)
             if match:
-                name = hf.replace("{i}", match.groupdict().get("i") or "")
-                return name, hubert_params.TRANSFORMS[kind][1] if kind else None
+                number = match.groupdict().get("i") or ("" if index is None else str(index))
+                return hf.replace("{i}", number), hubert_params.TRANSFORMS[kind][1] if kind else None
         raise KeyError(f"no HuBERT name for parameter {dotted}")
 
     return inverse
@@ -189,13 +194,13 @@ _LINEAR_NAMES = {path: module for module, path in LINEARS.items()}
 _TABLE_NAMES = {path: (name, inverse) for name, (path, _, inverse) in TABLES.items()}
 
 
-def _clip_name(path: StatePath) -> tuple[str, Callable]:
-    hf, kind = clip_params.hf_key_for(path)
+def _clip_name(path: StatePath, index: int | None = None) -> tuple[str, Callable]:
+    hf, kind = clip_params.hf_key_for(path, index)
     return hf, clip_params.TRANSFORMS[kind].inverse
 
 
 def release_name(path: StatePath, index: int | None = None) -> tuple[str, Callable | None]:
-    """Our parameter ``path`` (slot ``index`` of a stacked LLM one) -> (release name, ours -> release transform)."""
+    """Our parameter ``path`` (slot ``index`` of a stacked one) -> (release name, ours -> release transform)."""
     head, rest = path[0], tuple(path[1:])
     if head == "llm":
         if rest[-1] in ("lora_a", "lora_b"):
@@ -203,13 +208,13 @@ def release_name(path: StatePath, index: int | None = None) -> tuple[str, Callab
             return f"{LLM}model.layers.{index}.{rest[1]}.{rest[2]}.lora_{factor}.default.weight", _transpose
         return LLM + qwen3_params.hf_name(rest, index), _transpose if rest[-1] == "kernel" else None
     if head == "vision_tower":
-        hf, inverse = _clip_name(("vision_model",) + rest)
+        hf, inverse = _clip_name(("vision_model",) + rest, index)
         return CLIP + hf, inverse
     if head == "audio_tower":
-        hf, inverse = _HUBERT_NAME(rest)
+        hf, inverse = _HUBERT_NAME(rest, index)
         return HUBERT + hf, inverse
     if rest[:1] == ("visual_alignment_layer",):
-        hf, inverse = _clip_name(_CLIP_LAYER + rest[2:])
+        hf, inverse = _clip_name(_CLIP_LAYERS + rest[2:], 0)
         return f"{VECB_LAYER}{rest[1]}." + hf[len("vision_model.encoder.layers.0.") :], inverse
     if rest[:1] == ("audio_alignment_layer",):
         hf, inverse = _HUBERT_LAYER_NAME(rest[2:])
@@ -224,8 +229,9 @@ def release_name(path: StatePath, index: int | None = None) -> tuple[str, Callab
     raise KeyError(f"no release name for parameter {'/'.join(map(str, path))}")
 
 
-def _is_stacked(path: StatePath) -> bool:
-    return path[:2] == ("llm", "layers")
+def is_stacked(path: StatePath) -> bool:
+    """Whether ``path`` is a stacked (scanned-layer) parameter, one release tensor per slot of its leading axis."""
+    return any(path[: len(prefix)] == prefix for prefix in _STACKED)
 
 
 def _export_record(
@@ -245,11 +251,11 @@ def _export_record(
 
 
 def release_tensors(model: nnx.Module, dtype: Any = None) -> Iterator[ExportTensor]:
-    """Every parameter of an :class:`XEmoGPT` under its release name (one record per LLM layer slot)."""
+    """Every parameter of an :class:`XEmoGPT` under its release name (one record per stacked layer slot)."""
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         path = tuple(path)
         array = variable.get_value()
-        slots = range(array.shape[0]) if _is_stacked(path) else [None]
+        slots = range(array.shape[0]) if is_stacked(path) else [None]
         for index in slots:
             name, transform = release_name(path, index)
             yield _export_record(name, array, transform, dtype, index)
