@@ -524,8 +524,6 @@ def run(args: argparse.Namespace) -> int:
 
     import jax
 
-    from xemogpt_jax import metrics
-
     step = build_step(s.config, s.mesh, s.batch_size, args.seq_len)
     lengths = ", ".join(f"{name} {tuple(spec.shape)}" for name, spec in step.batch.items())
     print(describe(s, args))
@@ -542,25 +540,36 @@ def run(args: argparse.Namespace) -> int:
         with jax.set_mesh(s.mesh):
             return compile_lowered(other.lower, options)
 
+    tokens = s.batch_size * step.batch["token_ids"].shape[1] if "token_ids" in step.batch else None
+    memory = compile_and_report(compile_step, step.jitted, (step.trained, step.frozen, step.batch), tokens, s, args)
+    check_fits(memory, s.target)
+    return 0
+
+
+def compile_and_report(compile_program: Callable[[bool], Any], jitted: Any, inputs: tuple[Any, ...],
+                       tokens: int | None, s: Setup, args: argparse.Namespace) -> Memory | None:
+    """Compile a program as configured, print its memory, cost, step time and MFU; returns its memory."""
+    import jax
+
+    from xemogpt_jax import metrics
+
     start = time.perf_counter()
-    compiled = compile_step(False)
+    compiled = compile_program(False)
     print(f"lowered and compiled in {time.perf_counter() - start:.1f} s", flush=True)
     memory = memory_of(compiled)
     print_memory(memory, s.target)
-    cost = costed(compiled, compile_step, args.unrolled_cost, s.target.unit)
+    cost = costed(compiled, compile_program, args.unrolled_cost, s.target.unit)
     with jax.set_mesh(s.mesh):
-        flops = metrics.traced_flops(step.jitted, step.trained, step.frozen, step.batch)
-    tokens = s.batch_size * step.batch["token_ids"].shape[1] if "token_ids" in step.batch else None
+        flops = metrics.traced_flops(jitted, *inputs)
     print_estimate(cost, flops, s.target, len(s.devices), tokens)
-    check_fits(memory, s.target)
-    return 0
+    return memory
 
 
 def run_infer(args: argparse.Namespace, s: Setup) -> int:
     """Compile the inference programs (:mod:`xemogpt_jax.aot_infer`) and print each one's figures."""
     import jax
 
-    from xemogpt_jax import aot_infer, metrics
+    from xemogpt_jax import aot_infer
 
     def programs(config: Any) -> list[aot_infer.Program]:
         return aot_infer.build_programs(config, s.mesh, s.batch_size, args.seq_len, args.beams, args.max_new_tokens)
@@ -579,15 +588,7 @@ def run_infer(args: argparse.Namespace, s: Setup) -> int:
             with jax.set_mesh(s.mesh):
                 return compile_lowered(chosen.lower, options)
 
-        start = time.perf_counter()
-        compiled = compile_program(False)
-        print(f"lowered and compiled in {time.perf_counter() - start:.1f} s", flush=True)
-        memory = memory_of(compiled)
-        print_memory(memory, s.target)
-        cost = costed(compiled, compile_program, args.unrolled_cost, s.target.unit)
-        with jax.set_mesh(s.mesh):
-            flops = metrics.traced_flops(program.jitted, *program.args)
-        print_estimate(cost, flops, s.target, len(s.devices), program.tokens)
+        memory = compile_and_report(compile_program, program.jitted, program.args, program.tokens, s, args)
         if memory is not None and (worst_memory is None or memory.peak > worst_memory.peak):
             worst, worst_memory = program, memory
     if worst is not None:
