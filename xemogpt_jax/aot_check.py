@@ -220,6 +220,18 @@ REMEDIES = ("try more fsdp (--mesh 1,N,1), a larger topology, a smaller --batch-
 UNROLL_PARTITIONER_LOOPS = {"xla_tpu_spmd_unroll_windowed_einsum": "true"}
 
 
+def compile_variant(program: Any, unrolled_program: Callable[[], Any] | None, unrolled: bool, mesh: Any,
+                    target: Target) -> Any:
+    """``program`` compiled as configured, or (``unrolled``) the copy ``unrolled_program`` builds with its layer
+    scans unrolled (``program`` itself where there is none), with the TPU partitioner's loops unrolled too."""
+    import jax
+
+    chosen = unrolled_program() if unrolled and unrolled_program is not None else program
+    options = UNROLL_PARTITIONER_LOOPS if unrolled and target.kind == "tpu" else {}
+    with jax.set_mesh(mesh):
+        return compile_lowered(chosen.lower, options)
+
+
 def scan_free_cost(compile_step: Callable[[bool], Any], scanned: Any | None = None) -> tuple[Cost, bool]:
     """The cost of a step whose layers may run under ``lax.scan``, each layer counted.
 
@@ -522,8 +534,6 @@ def run(args: argparse.Namespace) -> int:
     if args.search:
         return run_search(args, s)
 
-    import jax
-
     step = build_step(s.config, s.mesh, s.batch_size, args.seq_len)
     lengths = ", ".join(f"{name} {tuple(spec.shape)}" for name, spec in step.batch.items())
     print(describe(s, args))
@@ -533,12 +543,9 @@ def run(args: argparse.Namespace) -> int:
     unrolled_config = unrolled_copy(s.config)
 
     def compile_step(unrolled: bool) -> Any:
-        other = step
-        if unrolled and unrolled_config is not None:
-            other = build_step(unrolled_config, s.mesh, s.batch_size, args.seq_len)
-        options = UNROLL_PARTITIONER_LOOPS if unrolled and s.target.kind == "tpu" else {}
-        with jax.set_mesh(s.mesh):
-            return compile_lowered(other.lower, options)
+        rebuild = None if unrolled_config is None else \
+            (lambda: build_step(unrolled_config, s.mesh, s.batch_size, args.seq_len))
+        return compile_variant(step, rebuild, unrolled, s.mesh, s.target)
 
     tokens = s.batch_size * step.batch["token_ids"].shape[1] if "token_ids" in step.batch else None
     memory = compile_and_report(compile_step, step.jitted, (step.trained, step.frozen, step.batch), tokens, s, args)
@@ -567,7 +574,6 @@ def compile_and_report(compile_program: Callable[[bool], Any], jitted: Any, inpu
 
 def run_infer(args: argparse.Namespace, s: Setup) -> int:
     """Compile the inference programs (:mod:`xemogpt_jax.aot_infer`) and print each one's figures."""
-    import jax
 
     from xemogpt_jax import aot_infer
 
@@ -583,10 +589,8 @@ def run_infer(args: argparse.Namespace, s: Setup) -> int:
         print(f"\n{program.name}")
 
         def compile_program(unrolled: bool, index: int = index, program: aot_infer.Program = program) -> Any:
-            chosen = programs(unrolled_config)[index] if unrolled and unrolled_config is not None else program
-            options = UNROLL_PARTITIONER_LOOPS if unrolled and s.target.kind == "tpu" else {}
-            with jax.set_mesh(s.mesh):
-                return compile_lowered(chosen.lower, options)
+            rebuild = None if unrolled_config is None else (lambda: programs(unrolled_config)[index])
+            return compile_variant(program, rebuild, unrolled, s.mesh, s.target)
 
         memory = compile_and_report(compile_program, program.jitted, program.args, program.tokens, s, args)
         if memory is not None and (worst_memory is None or memory.peak > worst_memory.peak):

@@ -145,13 +145,10 @@ def search(args: Any, s: Any) -> list[Result]:
         result = next(r for r in results if r.layout == layout)
 
         def compile_step(unrolled: bool, layout: Layout = layout, step: Any = step) -> Any:
-            chosen = step
-            unrolled_config = aot_check.unrolled_copy(layout.configure(s.config)) if unrolled else None
-            if unrolled_config is not None:
-                chosen = aot_check.build_step(unrolled_config, mesh, layout.global_batch, args.seq_len)
-            options = aot_check.UNROLL_PARTITIONER_LOOPS if unrolled else {}
-            with jax.set_mesh(mesh):
-                return aot_check.compile_lowered(chosen.lower, options)
+            unrolled_config = aot_check.unrolled_copy(layout.configure(s.config))
+            rebuild = None if unrolled_config is None else \
+                (lambda: aot_check.build_step(unrolled_config, mesh, layout.global_batch, args.seq_len))
+            return aot_check.compile_variant(step, rebuild, unrolled, mesh, s.target)
 
         cost, _ = aot_check.scan_free_cost(compile_step, compiled) if args.unrolled_cost else \
             (aot_check.cost_of(compiled), False)
