@@ -1,12 +1,17 @@
-"""LLM throughput, ours (JAX) vs transformers (PyTorch) on this CPU, same ~100M-parameter Qwen3 weights.
+"""LLM throughput, ours (JAX) vs transformers (PyTorch) on one device, same ~100M-parameter Qwen3 weights.
 
-Prints forward+backward tokens/s and greedy decode tokens/s for both and their ratios.
-Usage: python bench/llm.py [--batch 4 --seq 256 --decode-batch 4 --prompt 32 --new 64 --repeats 3]
+Prints forward+backward tokens/s (with the model FLOP/s they imply) and greedy decode tokens/s for both and
+their ratios. On a GPU (JAX's default backend) both run there; ``--dtype bfloat16`` keeps f32 weights and
+computes in bf16 on both sides (ours: the model's compute dtype; PyTorch: ``torch.autocast``), and
+``--attention`` picks our kernel (``auto``: cuDNN on a GPU for bf16; PyTorch uses its default SDPA).
+Usage: python bench/llm.py [--batch 4 --seq 256 --decode-batch 4 --prompt 32 --new 64 --repeats 3
+                            --dtype float32 --attention auto]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -23,6 +28,25 @@ from flax import nnx
 from xemogpt_jax import loading
 from xemogpt_jax.generate import GenerationConfig, generate
 from xemogpt_jax.models import qwen3_params
+from xemogpt_jax.models.attention import BACKENDS, AttentionConfig
+from xemogpt_jax.models.qwen3 import parse_dtype
+
+
+class Device:
+    """Where PyTorch runs to match JAX's default backend, and how it computes in ``dtype``."""
+
+    def __init__(self, jax_backend: str, dtype: str):
+        self.torch = "cuda" if jax_backend == "gpu" and torch.cuda.is_available() else "cpu"
+        self.dtype = dtype
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.torch, dtype=torch.bfloat16)
+
+    def synchronize(self) -> None:
+        if self.torch == "cuda":
+            torch.cuda.synchronize()
 
 
 def hf_config() -> transformers.Qwen3Config:
@@ -46,7 +70,13 @@ def median_seconds(ours: Callable[[], object], theirs: Callable[[], object], rep
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def bench_train(hf_model, model, ids: np.ndarray, repeats: int) -> tuple[float, float]:
+def train_flops_per_token(config: transformers.Qwen3Config, params: int, seq: int) -> float:
+    """Model FLOPs of one forward+backward per token: 6 per parameter, plus causal attention's score and
+    value products (half of the full ``12 * layers * seq * heads * head_dim``)."""
+    return 6 * params + 6 * config.num_hidden_layers * seq * config.num_attention_heads * config.head_dim
+
+
+def bench_train(hf_model, model, ids: np.ndarray, repeats: int, device: Device) -> tuple[float, float]:
     tokens = ids.size
     graphdef, state = nnx.split(model)
 
@@ -60,32 +90,37 @@ def bench_train(hf_model, model, ids: np.ndarray, repeats: int) -> tuple[float, 
 
     ids_jax = jnp.asarray(ids)
     hf_model.train()
-    ids_torch = torch.tensor(ids, dtype=torch.long)
+    ids_torch = torch.tensor(ids, dtype=torch.long, device=device.torch)
 
     def torch_step():
         hf_model.zero_grad(set_to_none=True)
-        hf_model(input_ids=ids_torch, labels=ids_torch).loss.backward()
+        with device.autocast():
+            loss = hf_model(input_ids=ids_torch, labels=ids_torch).loss
+        loss.backward()
+        device.synchronize()
 
     ours, theirs = median_seconds(lambda: jax.block_until_ready(loss_and_grads(state, ids_jax)), torch_step, repeats)
     hf_model.eval()
     return tokens / ours, tokens / theirs
 
 
-def bench_decode(hf_model, model, ids: np.ndarray, new: int, repeats: int) -> tuple[float, float, bool]:
+def bench_decode(hf_model, model, ids: np.ndarray, new: int, repeats: int, device: Device) -> tuple[float, float, bool]:
     tokens = ids.shape[0] * new
     config = GenerationConfig(max_new_tokens=new, eos_token_id=(), pad_token_id=0)
     ids_jax = jnp.asarray(ids)
     ours_out = np.asarray(generate(model, ids_jax, config=config))
-    ids_torch = torch.tensor(ids, dtype=torch.long)
+    ids_torch = torch.tensor(ids, dtype=torch.long, device=device.torch)
 
     def hf_generate():
-        with torch.no_grad():
-            return hf_model.generate(
+        with torch.no_grad(), device.autocast():
+            out = hf_model.generate(
                 input_ids=ids_torch, attention_mask=torch.ones_like(ids_torch), max_new_tokens=new,
                 min_new_tokens=new, do_sample=False, pad_token_id=0,
             )
+        device.synchronize()
+        return out
 
-    theirs_out = hf_generate()[:, ids.shape[1]:].numpy()
+    theirs_out = hf_generate()[:, ids.shape[1]:].cpu().numpy()
     ours, theirs = median_seconds(
         lambda: jax.block_until_ready(generate(model, ids_jax, config=config)), hf_generate, repeats
     )
@@ -100,25 +135,34 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--attention", choices=BACKENDS, default="auto")
     args = parser.parse_args()
+    device = Device(jax.default_backend(), args.dtype)
 
     torch.manual_seed(0)
     hf_model = transformers.Qwen3ForCausalLM(hf_config()).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)
-        model, _ = loading.from_hf(qwen3_params.hf_factory(tmp), tmp, qwen3_params.hf_key_map)
+        factory = qwen3_params.hf_factory(tmp, dtype=parse_dtype(args.dtype), attention=AttentionConfig(args.attention))
+        model, _ = loading.from_hf(factory, tmp, qwen3_params.hf_key_map)
+    hf_model.to(device.torch)
     params = sum(p.numel() for p in hf_model.parameters())
     rng = np.random.default_rng(0)
-    print(f"config: Qwen3 {params / 1e6:.1f}M params, fp32, jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(f"config: Qwen3 {params / 1e6:.1f}M params, f32 weights, {args.dtype} compute, attention "
+          f"{AttentionConfig(args.attention).resolved(parse_dtype(args.dtype))}, jax {jax.__version__} on "
+          f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {device.torch} "
+          f"({hf_model.config._attn_implementation}, {torch.get_num_threads()} threads)")
 
     train_ids = rng.integers(3, 32000, size=(args.batch, args.seq))
-    ours, theirs = bench_train(hf_model, model, train_ids, args.repeats)
-    print(f"forward+backward  batch {args.batch}x{args.seq}: ours {ours:8.0f} tok/s   transformers {theirs:8.0f} tok/s"
-          f"   ratio {ours / theirs:.2f}x")
+    ours, theirs = bench_train(hf_model, model, train_ids, args.repeats, device)
+    flops_per_token = train_flops_per_token(hf_model.config, params, args.seq)
+    print(f"forward+backward  batch {args.batch}x{args.seq}: ours {ours:8.0f} tok/s "
+          f"({ours * flops_per_token / 1e12:.1f} TFLOP/s)   transformers {theirs:8.0f} tok/s "
+          f"({theirs * flops_per_token / 1e12:.1f} TFLOP/s)   ratio {ours / theirs:.2f}x")
 
     prompt_ids = rng.integers(3, 32000, size=(args.decode_batch, args.prompt))
-    ours, theirs, same = bench_decode(hf_model, model, prompt_ids, args.new, args.repeats)
+    ours, theirs, same = bench_decode(hf_model, model, prompt_ids, args.new, args.repeats, device)
     print(f"greedy decode  batch {args.decode_batch}, prompt {args.prompt}, {args.new} new: ours {ours:8.0f} tok/s"
           f"   transformers {theirs:8.0f} tok/s   ratio {ours / theirs:.2f}x   tokens identical: {same}")
 

@@ -8,7 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The suite runs on host CPUs, on a TPU VM too and with libtpu installed (the tpu extra), where JAX would
 # otherwise probe for a TPU; subprocesses inherit it. TPU compiles (test_aot_tpu.py) need no TPU backend.
-os.environ["JAX_PLATFORMS"] = "cpu"
+# XEMOGPT_TEST_PLATFORMS=cuda,cpu runs the single-device tests on a GPU (the 8 CPU devices stay for the rest).
+os.environ["JAX_PLATFORMS"] = os.environ.get("XEMOGPT_TEST_PLATFORMS", "cpu")
 # The suite's models are tiny, so its time goes to XLA:CPU compiles, not to running them: LLVM's lowest
 # optimisation level compiles a third faster (numerics are the same: no fast-math either way). Subprocesses
 # (the console commands under test) inherit it.
@@ -32,6 +33,6 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def devices() -> list[jax.Device]:
-    devices = jax.devices()
+    devices = jax.devices("cpu")
     assert len(devices) == 8, "conftest must force 8 host CPU devices"
     return devices

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,16 +13,18 @@ from flax import nnx
 from configs import align_audio, align_video, sft
 from xemogpt_jax import run_config
 from xemogpt_jax.models import layers
-from xemogpt_jax.models.attention import AttentionConfig, dot_product_attention
+from xemogpt_jax.models.attention import AttentionConfig, backend_for, dot_product_attention
 from xemogpt_jax.models.bert import BertConfig
 from xemogpt_jax.models.clip import CLIPConfig, CLIPVisionConfig, CLIPVisionModel, causal_bias
 from xemogpt_jax.models.hubert import HubertConfig
 from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
 
-def test_auto_runs_todays_blocked_code_on_cpu():
-    assert jax.default_backend() == "cpu"
-    assert AttentionConfig().resolved() == "blocked"
+def test_auto_picks_each_platforms_kernel():
+    assert backend_for("cpu") == "blocked" and backend_for("tpu") == "splash"
+    assert backend_for("gpu", jnp.bfloat16) == backend_for("gpu", jnp.float16) == "cudnn"
+    assert backend_for("gpu", jnp.float32) == "xla"  # cuDNN refuses f32: an f32 model still runs on a GPU
+    assert AttentionConfig().resolved() == backend_for(jax.default_backend())
     assert AttentionConfig("xla").resolved() == "xla"
     with pytest.raises(ValueError, match="model.attention='flash'"):
         AttentionConfig("flash")
@@ -124,13 +128,44 @@ def test_encoder_attention_backends_agree(causal):
     np.testing.assert_allclose(outs["splash"], outs["blocked"], atol=1e-5)
 
 
-@pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()), reason="cudnn attention needs a GPU")
-def test_cudnn_matches_xla_on_gpu():
+ON_GPU = pytest.mark.skipif(
+    jax.default_backend() != "gpu", reason="cudnn attention needs a GPU (run with XEMOGPT_TEST_PLATFORMS=cuda,cpu)"
+)
+
+
+@ON_GPU
+@pytest.mark.parametrize("causal", [True, False], ids=["causal_gqa", "bidirectional_padded"])
+def test_cudnn_values_and_gradients_match_xla(causal, caplog):
+    """bf16, a length no block size divides, a padded key tail; causal with 8 query heads on 2 KV heads."""
+    caplog.set_level(logging.INFO, logger="xemogpt_jax.models.attention")
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.normal(size=(2, 64, 4, 64)), jnp.bfloat16) for _ in range(3))
-    key_mask = jnp.asarray(np.arange(64)[None] < np.array([[64], [40]]))
+    heads, kv_heads = (8, 2) if causal else (4, 4)
+    q = jnp.asarray(rng.normal(size=(2, 200, heads, 64)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.normal(size=(2, 200, kv_heads, 64)), jnp.bfloat16) for _ in range(2))
+    key_mask = jnp.asarray(np.arange(200)[None] < np.array([[200], [131]]))
+    weights = jnp.asarray(rng.normal(size=(2, 200, heads, 64)), jnp.float32)
 
     def run(impl):
-        return dot_product_attention(q, k, v, scale=0.125, config=AttentionConfig(impl), causal=True, key_mask=key_mask)
+        def loss(q, k, v):
+            out = dot_product_attention(
+                q, k, v, scale=0.125, config=AttentionConfig(impl), causal=causal, key_mask=key_mask
+            )
+            return jnp.sum(out.astype(jnp.float32) * weights), out
 
-    np.testing.assert_allclose(np.asarray(run("cudnn"), np.float32), np.asarray(run("xla"), np.float32), atol=2e-2)
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return [np.asarray(x, np.float32) for x in (out, *grads)]
+
+    for got, want in zip(run("cudnn"), run("xla"), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-2 * max(1.0, np.abs(want).max()), rtol=0)
+    assert "attention: attention runs cudnn" in {r.getMessage() for r in caplog.records}
+
+
+@ON_GPU
+def test_cudnn_refuses_float32_and_auto_runs_xla_for_it(caplog):
+    """An explicit ``cudnn`` never falls back; ``auto`` says in the log that f32 ran on ``xla``."""
+    caplog.set_level(logging.INFO, logger="xemogpt_jax.models.attention")
+    q = jnp.ones((1, 16, 2, 64), jnp.float32)
+    with pytest.raises(Exception, match="(?i)(dtype|float32|f32|bf16|fp16)"):
+        dot_product_attention(q, q, q, scale=0.125, config=AttentionConfig("cudnn"), causal=True)
+    dot_product_attention(q, q, q, scale=0.125, config=AttentionConfig("auto"), causal=True, where="llm")
+    assert "attention: llm runs xla" in {r.getMessage() for r in caplog.records}

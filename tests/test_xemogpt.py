@@ -9,6 +9,7 @@ import logging
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -155,13 +156,16 @@ def forward(model, inputs, media):
     return model(**inputs, **media)
 
 
-def with_attention(model: XEmoGPT, impl: str) -> XEmoGPT:
-    """The same weights in a model whose LLM, towers and bridges all run attention backend ``impl``."""
+def with_attention(model: XEmoGPT, impl: str, dtype=None) -> XEmoGPT:
+    """The same weights in a model whose LLM, towers and bridges all run attention backend ``impl``
+    (and compute in ``dtype``, when given)."""
     attention = AttentionConfig(impl)
     c = model.config
+    precision = {} if dtype is None else {"dtype": dtype}
     config = dataclasses.replace(
-        c, vision=dataclasses.replace(c.vision, attention=attention),
-        hubert=dataclasses.replace(c.hubert, attention=attention), llm=c.llm.replace(attention=attention),
+        c, **precision, vision=dataclasses.replace(c.vision, attention=attention),
+        hubert=dataclasses.replace(c.hubert, attention=attention, **precision),
+        llm=c.llm.replace(attention=attention, **precision),
     )
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: XEmoGPT(config, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, nnx.state(model))
@@ -182,6 +186,21 @@ def test_loss_matches_pytorch_composition(setup, impl, caplog):
         np.testing.assert_allclose(np.asarray(logits)[row, :n], s["want_logits"][row, :n], atol=2e-4, rtol=0)
     if impl == "xla":  # the LLM and the encoders/bridges said which backend they traced
         assert {"attention: llm runs xla", "attention: encoder runs xla"} <= {r.getMessage() for r in caplog.records}
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu", reason="cudnn attention needs a GPU (run with XEMOGPT_TEST_PLATFORMS=cuda,cpu)"
+)
+def test_bf16_loss_with_cudnn_everywhere_on_gpu(setup, caplog):
+    """cuDNN in the LLM, the towers and the bridges: the bf16 loss of ``xla`` and the f32 reference's."""
+    caplog.set_level(logging.INFO, logger="xemogpt_jax.models.attention")
+    s = setup
+    media = dict(frames=s["frames"], audio=s["audio"], audio_mask=s["audio_mask"])
+    losses = {impl: float(forward(with_attention(s["model"], impl, jnp.bfloat16), s["inputs"], media)[0])
+              for impl in ("cudnn", "xla")}
+    assert abs(losses["cudnn"] - losses["xla"]) < 2e-2, losses
+    assert abs(losses["cudnn"] - s["want_loss"]) < 5e-2, (losses, s["want_loss"])
+    assert {"attention: llm runs cudnn", "attention: encoder runs cudnn"} <= {r.getMessage() for r in caplog.records}
 
 
 @nnx.jit

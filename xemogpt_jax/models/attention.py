@@ -182,14 +182,23 @@ class AttentionConfig:
         if self.block_q <= 0 or self.block_kv <= 0:
             raise ValueError(f"splash block sizes must be positive, got {self.block_q}, {self.block_kv}")
 
-    def resolved(self) -> str:
-        """The backend that runs on the default platform."""
-        return self.impl if self.impl != "auto" else backend_for(jax.default_backend())
+    def resolved(self, dtype: jnp.dtype | None = None) -> str:
+        """The backend that runs on the default platform, for inputs of ``dtype`` (see :func:`backend_for`)."""
+        return self.impl if self.impl != "auto" else backend_for(jax.default_backend(), dtype)
 
 
-def backend_for(platform: str) -> str:
-    """What ``auto`` runs on a platform (``tpu``, ``gpu``, ``cpu``)."""
-    return {"tpu": "splash", "gpu": "cudnn"}.get(platform, "blocked")
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN's fused attention refuses float32 inputs
+
+
+def backend_for(platform: str, dtype: jnp.dtype | None = None) -> str:
+    """What ``auto`` runs on a platform (``tpu``, ``gpu``, ``cpu``).
+
+    On a GPU that is ``cudnn`` for bf16/fp16 inputs (or an unknown dtype) and ``xla`` for float32, which
+    cuDNN cannot run: an f32 model (``--dtype float32``) still works on a GPU, and the log says which ran.
+    """
+    if platform == "gpu":
+        return "cudnn" if dtype is None or jnp.dtype(dtype) in CUDNN_DTYPES else "xla"
+    return {"tpu": "splash"}.get(platform, "blocked")
 
 
 def _log_choice(impl: str, where: str) -> None:
@@ -213,19 +222,36 @@ def dot_product_attention(
 
     The visible keys of query ``t`` are ``key_mask [B, S]`` (all when ``None``), and with ``causal``
     only those at or before ``t`` (``S == T``). ``mask [B, 1, T, S]``, when given, is the same set
-    spelled out, for the XLA/cuDNN paths (splash builds it from ``key_mask`` and ``causal``).
+    spelled out, for the XLA path (splash and cuDNN build it from ``key_mask`` and ``causal``; cuDNN needs
+    the valid keys first, see :func:`_valid_key_counts`).
     """
-    impl = config.resolved()
+    impl = config.resolved(q.dtype)
     _log_choice(impl, where)
     if impl == "splash":
         return splash_attention(q, k, v, scale=scale, causal=causal, key_mask=key_mask, config=config)
-    if impl in ("xla", "cudnn"):
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=causal, key_value_seq_lengths=_valid_key_counts(key_mask),
+            implementation="cudnn",
+        )
+    if impl == "xla":
         if mask is None:
             mask = _dense_mask(key_mask, causal, q.shape[1], k.shape[1])
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, scale=scale, implementation=None if impl == "xla" else "cudnn"
-        )
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=None)
     raise ValueError(f"dot_product_attention does not run {impl!r} (the blocked paths are the callers' own)")
+
+
+def _valid_key_counts(key_mask: jax.Array | None) -> jax.Array | None:
+    """cuDNN masks padding from each row's count of valid keys (no ``[B, 1, T, S]`` bias, none in the backward).
+
+    A count says "the first n keys", which holds for every cache-less batch here: training, scoring and the
+    encoders pad on the right (generation's left-padded prefill reads the KV cache instead). A row with
+    no valid key gets one, so cuDNN never divides by an empty softmax; such a row is padding, and its
+    output is masked where it is used, as with every other backend.
+    """
+    if key_mask is None:
+        return None
+    return jnp.maximum(jnp.sum(key_mask.astype(jnp.int32), axis=-1), 1)
 
 
 def _dense_mask(key_mask, causal, queries, keys):
