@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_aot_check_compiles_the_paper_scale_step_and_reports_memory():
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "aot_check.py"), "--config", str(ROOT / "configs" / "sft.py"),
-         "--mesh", "2,4", "--batch-size", "8", "--seq-len", "512", "--audio-seconds", "2", "--no-unrolled-cost"],
+         "--mesh", "2,4", "--batch-size", "8", "--seq-len", "512", "--audio-seconds", "2", "--cost", "once"],
         capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -31,3 +31,28 @@ def test_aot_check_compiles_the_paper_scale_step_and_reports_memory():
     # 3 x 2 x 3.6 B non-embedding parameters x 4096 tokens = 89 TFLOP (one layer's worth would be 2.5)
     step_tflop = float(re.search(r"step FLOPs .*: ([\d.]+) TFLOP,", out).group(1))
     assert 89 < step_tflop < 200
+
+
+def test_depth_extrapolation_equals_the_fully_unrolled_cost():
+    """Identical layers add identical cost: a 4-layer LLM costed from copies 1 and 2 layers deep matches the step
+    compiled with all of its layers unrolled. Stage 3 builds no CLIP text tower: its depth is traced, not costed."""
+    from xemogpt_jax import aot_check, config_files, run_config
+
+    config = config_files.load("configs/sft.py:tiny")
+    run_config.set_architecture(config, "llm", num_hidden_layers=4)
+    text_tower = {**run_config.architecture(config, "clip")["text_config"], "num_hidden_layers": 3}
+    run_config.set_architecture(config, "clip", text_config=text_tower)
+    target = aot_check.parse_target("cpu:1")
+    mesh = aot_check.make_mesh(target, aot_check.target_devices(target), (1, 1, 1))
+
+    def build(variant):
+        return aot_check.build_step(variant, mesh, 2, 384)
+
+    assert {(s.part, s.path, s.layers) for s in aot_check.layer_stacks(config)} == {
+        ("llm", (), 4), ("clip", ("text_config",), 3)}
+    extrapolated = aot_check.depth_extrapolated_cost(config, build, mesh, target)
+    unrolled = build(aot_check.unrolled_copy(config))
+    full = aot_check.cost_of(aot_check.compile_variant(unrolled, None, True, mesh, target))
+    assert full.loops == 0 and extrapolated.loops == 0
+    assert extrapolated.flops == pytest.approx(full.flops, rel=1e-3)
+    assert extrapolated.bytes_accessed == pytest.approx(full.bytes_accessed, rel=2e-2)

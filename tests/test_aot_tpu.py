@@ -51,6 +51,8 @@ def test_the_estimate_of_a_sharded_matmul_is_its_hand_computed_roofline():
     assert cost.flops == flops and cost.loops == 0
     assert cost.roofline_seconds(V5E) == pytest.approx(hand)
     assert hand <= cost.seconds <= 1.3 * hand  # XLA's optimal_seconds: the roofline plus some overhead
+    # FLOPs XLA does not see (a Pallas kernel's) raise the roofline when the traced count is higher
+    assert cost.roofline_seconds(V5E, traced_flops=3 * flops) == pytest.approx(3 * flops / V5E.peak_bf16_flops)
 
 
 def test_a_scanned_model_is_costed_as_its_unrolled_self_every_layer_counted():
@@ -89,16 +91,17 @@ def figures(out: str) -> dict[str, float]:
         "arguments": re.search(rf"arguments \(state \+ batch\)\s+{number} GiB", out),
         "temporaries": re.search(rf"temporaries\s+{number} GiB", out),
         "peak": re.search(rf"peak ~ .* = {number} GiB = ", out),
-        "step_ms": re.search(rf"step time \(compiler estimate[^)]*\): {number} ms", out),
+        "step_ms": re.search(rf"step time \((?:compiler estimate|lower bound)[^)]*\): {number} ms", out),
         "traced_tflop": re.search(rf"step FLOPs .*: {number} TFLOP,", out),
         "xla_tflop": re.search(rf"per-chip cost \(compiler estimate\): {number} TFLOP", out),
     }
     missing = [name for name, match in found.items() if match is None]
     assert not missing, f"{missing} not in:\n{out}"
     values = {name: float(match.group(1)) for name, match in found.items()}
-    # an MFU only from a step time that counts every loop iteration (else it would be too high)
+    # an MFU only from XLA's estimate of a step that counts every loop iteration (from a time that counts loop
+    # bodies once, or from the roofline's lower bound, it would be too high)
     mfu = re.search(rf"MFU \(compiler estimate\): {number}%", out)
-    assert (mfu is None) == ("each loop body counted once" in out), out
+    assert (mfu is None) == ("each loop body counted once" in out or "lower bound, not an estimate" in out), out
     if mfu:
         values["mfu"] = float(mfu.group(1))
     return values
@@ -132,7 +135,7 @@ TARGETS = {"v5e": ("tpu:v5e:2x2", "2,1,2", SPLASH), "v5p": ("tpu:v5p:2x2x2", "2,
 
 def stage_flags(config: str, target: str) -> list[str]:
     name, mesh, extra = TARGETS[target]
-    unrolled = [] if config.startswith("sft") and target == "v5e" else ["--no-unrolled-cost"]
+    unrolled = [] if config.startswith("sft") and target == "v5e" else ["--cost", "once"]
     return ["--config", f"configs/{config}", "--target", name, "--mesh", mesh, *small_flags(config), *extra, *unrolled]
 
 
@@ -177,7 +180,7 @@ def test_every_stage_compiles_for_tpu_topologies_with_consistent_figures(config,
     mesh = tuple(int(n) for n in TARGETS[target][1].split(","))
     assert f"mesh (data, fsdp, tensor) = {mesh}" in out
     # every stage scans its encoder (and stage 3 its LLM) layers, so the step as compiled has loops
-    if "--no-unrolled-cost" in stage_flags(config, target):
+    if "once" in stage_flags(config, target):
         assert "loop(s) whose bodies XLA counts once" in out, out
     else:
         assert "cost from the step compiled again with its loops unrolled" in out, out
@@ -262,7 +265,7 @@ def test_flag_mistakes_are_one_line(capsys):
 def test_infer_compiles_the_prefill_and_a_decode_step_greedy_and_with_beams(capsys):
     rc = aot_check.main(["--config", "configs/sft.py:tiny", "--target", "tpu:v5e:2x2", "--mesh", "4,1,1",
                          "--infer", "--batch-size", "4", "--audio-seconds", "1", "--max-new-tokens", "16",
-                         "--no-unrolled-cost"])
+                         "--cost", "once"])
     out, err = capsys.readouterr()
     assert rc == 0, err[-3000:]
     sections = out.split("\n\n")[1:]
@@ -288,7 +291,7 @@ def launch_command(out: str) -> list[str]:
 def test_search_ranks_the_fitting_layouts_and_its_choice_launches_as_printed(capsys, tmp_path):
     rc = aot_check.main(["--config", "configs/align_video.py:tiny", "--target", "tpu:v5e:2x2", "--search",
                          "--search-meshes", "4,1,1;2,2,1", "--search-remat-towers", "none", "--search-batch", "1",
-                         "--no-unrolled-cost"])
+                         "--cost", "once"])
     out, err = capsys.readouterr()
     assert rc == 0, err[-3000:]
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d,\d,\d\s", line)]

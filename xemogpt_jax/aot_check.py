@@ -16,10 +16,16 @@ compiler in libtpu, run on this host: no TPU needed). It prints, per device (per
 
 Every figure is a compiler estimate, not a measurement. XLA's cost analysis counts a loop body once, so a
 step whose layers run under ``lax.scan`` (LLM, CLIP, HuBERT) would show one layer's cost: when it has a loop,
-its cost comes from a second compile with the layer scan unrolled (``model.unroll_layers``), while its memory
-comes from the step as configured. :func:`scan_free_cost` is that method (tests/test_aot_tpu.py checks it
-against a hand-computed roofline). ``--mesh`` takes 2 or 3 entries (tensor defaults to 1; default: the
-config's ``mesh.shape``).
+its cost comes from other compiles (``--cost``), while its memory comes from the step as configured:
+
+- ``unrolled`` (default): the step compiled again with the layer scans unrolled (``model.unroll_layers``);
+  :func:`scan_free_cost`, checked against a hand-computed roofline in tests/test_aot_tpu.py;
+- ``depth``: unrolled copies with every layer stack (:data:`LAYER_STACKS`) one layer deep, then one stack at a
+  time two deep, extrapolated linearly to the real depths (:func:`depth_extrapolated_cost`): the layers of a
+  stack are identical, so each adds the same cost. At paper scale a few shallow compiles take minutes where
+  the unrolled 84-layer step takes far longer; tests check it against the full unrolled compile.
+
+``--mesh`` takes 2 or 3 entries (tensor defaults to 1; default: the config's ``mesh.shape``).
 """
 
 from __future__ import annotations
@@ -169,9 +175,14 @@ class Cost:
     seconds: float | None  # XLA's estimated run time (TPU's optimal_seconds; None where it gives none)
     loops: int  # while loops in the compiled program (their bodies are counted once)
 
-    def roofline_seconds(self, chip: Chip) -> float:
-        """The roofline of XLA's counts: the slower of the chip's bf16 matmul peak and its HBM bandwidth."""
-        return max(self.flops / chip.peak_bf16_flops, self.bytes_accessed / chip.hbm_bytes_per_second)
+    def roofline_seconds(self, chip: Chip, traced_flops: float = 0.0) -> float:
+        """The roofline of XLA's counts: the slower of the chip's bf16 matmul peak and its HBM bandwidth.
+
+        ``traced_flops`` (per chip) is the floor for the FLOPs: XLA does not count a Pallas kernel's (splash
+        attention is a custom call to it), so its count can be below the matmuls the step runs.
+        """
+        flops = max(self.flops, traced_flops)
+        return max(flops / chip.peak_bf16_flops, self.bytes_accessed / chip.hbm_bytes_per_second)
 
 
 def memory_of(compiled: Any) -> Memory | None:
@@ -215,28 +226,142 @@ REMEDIES = ("try more fsdp (--mesh 1,N,1), a larger topology, a smaller --batch-
             "or model.remat")
 
 
-# Unroll the loops the TPU SPMD partitioner makes of an all-gather or reduce-scatter around a matmul
-# ("windowed einsum", e.g. under fsdp): the same algorithm, with every iteration visible to the cost analysis.
-UNROLL_PARTITIONER_LOOPS = {"xla_tpu_spmd_unroll_windowed_einsum": "true"}
+# The TPU SPMD partitioner turns an all-gather or reduce-scatter around a matmul into a loop ("windowed
+# einsum", under fsdp), whose body the cost analysis would count once. For the cost compiles it keeps the
+# plain collective instead: the same matmuls and bytes, no loop. (Unrolling those loops,
+# xla_tpu_spmd_unroll_windowed_einsum, keeps the overlap too, but at paper scale with fsdp 16 that compile
+# did not finish in 20 minutes, where this one takes about as long as the step as configured.)
+NO_PARTITIONER_LOOPS = {"xla_tpu_enable_windowed_einsum_for_all_gather": "false",
+                        "xla_tpu_enable_windowed_einsum_for_reduce_scatter": "false"}
 
 
 def compile_variant(program: Any, unrolled_program: Callable[[], Any] | None, unrolled: bool, mesh: Any,
                     target: Target) -> Any:
     """``program`` compiled as configured, or (``unrolled``) the copy ``unrolled_program`` builds with its layer
-    scans unrolled (``program`` itself where there is none), with the TPU partitioner's loops unrolled too."""
+    scans unrolled (``program`` itself where there is none), without the TPU partitioner's loops."""
     import jax
 
     chosen = unrolled_program() if unrolled and unrolled_program is not None else program
-    options = UNROLL_PARTITIONER_LOOPS if unrolled and target.kind == "tpu" else {}
+    options = NO_PARTITIONER_LOOPS if unrolled and target.kind == "tpu" else {}
     with jax.set_mesh(mesh):
         return compile_lowered(chosen.lower, options)
+
+
+# Where a stage config keeps the depth of each stack of identical layers: ``model.<part>``'s HF fields, under
+# these keys, hold ``num_hidden_layers``. A stage that does not build a stack (stage 3 has no CLIP text tower)
+# traces the same FLOPs at any of its depths, and the stack is left out.
+LAYER_STACKS = (("llm", ()), ("clip", ("vision_config",)), ("clip", ("text_config",)), ("hubert", ()),
+                ("text_encoder", ()))
+COST_METHODS = ("unrolled", "depth", "once")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStack:
+    part: str
+    path: tuple[str, ...]
+    layers: int
+
+
+def layer_stacks(config: Any) -> list[LayerStack]:
+    """The config's stacks of more than two layers (shallower ones cost as little unrolled as at depth 1-2)."""
+    from xemogpt_jax import run_config
+
+    stacks = []
+    for part, path in LAYER_STACKS:
+        if part not in config.model:
+            continue
+        node = run_config.architecture(config, part)
+        for key in path:
+            node = node.get(key) or {}
+        if node.get("num_hidden_layers", 0) > 2:
+            stacks.append(LayerStack(part, path, node["num_hidden_layers"]))
+    return stacks
+
+
+def at_depths(config: Any, depths: dict[LayerStack, int]) -> Any:
+    """An unrolled copy of ``config`` with each stack of ``depths`` that many layers deep."""
+    from xemogpt_jax import run_config
+
+    variant = config.copy_and_resolve_references()
+    variant.model.unroll_layers = True
+    for stack, layers in depths.items():
+        fields = run_config.architecture(variant, stack.part)
+        node = fields
+        for key in stack.path:
+            node = node[key]
+        node["num_hidden_layers"] = layers
+        if variant.init_from.get(stack.part):  # its config.json would win over model.<part>; no weight is read
+            variant.init_from[stack.part] = ""
+        del variant.model[stack.part]  # a preset name is a string field; ConfigDict refuses to retype it in place
+        variant.model[stack.part] = fields
+    return variant
+
+
+def depth_extrapolated_cost(config: Any, build: Callable[[Any], Any], mesh: Any, target: Target) -> Cost:
+    """The cost of ``config``'s program, every layer counted, from shallow unrolled copies (module docstring).
+
+    ``build(config)`` returns the program (``.lower()``, ``.jitted``, ``.args``). With every stack 1 layer
+    deep the program costs ``base``; one stack 2 deep adds that stack's per-layer cost, counted
+    ``layers - 1`` more times. XLA's estimated time is extrapolated the same way.
+    """
+    import jax
+
+    from xemogpt_jax import metrics
+
+    def traced(program: Any) -> float:
+        with jax.set_mesh(mesh):
+            return metrics.traced_flops(program.jitted, *program.args)
+
+    def compiled_cost(program: Any, what: str) -> Cost:
+        start = time.perf_counter()
+        cost = cost_of(compile_variant(program, None, True, mesh, target))
+        print(f"  {what}: compiled in {time.perf_counter() - start:.1f} s", flush=True)
+        return cost
+
+    shallow = {stack: 1 for stack in layer_stacks(config)}
+    program = build(at_depths(config, shallow))
+    base, base_flops = compiled_cost(program, "every stack 1 layer deep"), traced(program)
+    flops, accessed, seconds, loops = base.flops, base.bytes_accessed, base.seconds, base.loops
+    for stack in shallow:
+        program = build(at_depths(config, {**shallow, stack: 2}))
+        if traced(program) == base_flops:
+            continue
+        deeper = compiled_cost(program, f"{'.'.join((stack.part, *stack.path))} 2 layers deep")
+        extra = stack.layers - 1
+        flops += extra * (deeper.flops - base.flops)
+        accessed += extra * (deeper.bytes_accessed - base.bytes_accessed)
+        if seconds is not None and deeper.seconds is not None:
+            seconds += extra * (deeper.seconds - base.seconds)
+        else:
+            seconds = None
+        loops = max(loops, deeper.loops)
+    return Cost(flops, accessed, seconds, loops)
+
+
+def loop_free_cost(compiled: Any, program: Any, build: Callable[[Any], Any], config: Any, method: str, mesh: Any,
+                   target: Target) -> tuple[Cost, str]:
+    """The cost of ``compiled`` (``program`` as ``config`` builds it) with every loop iteration counted, by
+    ``method`` (:data:`COST_METHODS`), and which method gave it: ``once`` where nothing else was compiled."""
+    as_configured = cost_of(compiled)
+    if not as_configured.loops or method == "once":
+        return as_configured, "once"
+    if method == "depth" and "unroll_layers" in config.get("model", {}):
+        return depth_extrapolated_cost(config, build, mesh, target), "depth"
+    unrolled_config = unrolled_copy(config)
+
+    def compile_step(unrolled: bool) -> Any:
+        rebuild = None if unrolled_config is None else (lambda: build(unrolled_config))
+        return compile_variant(program, rebuild, unrolled, mesh, target)
+
+    cost, _ = scan_free_cost(compile_step, compiled)
+    return cost, "unrolled"
 
 
 def scan_free_cost(compile_step: Callable[[bool], Any], scanned: Any | None = None) -> tuple[Cost, bool]:
     """The cost of a step whose layers may run under ``lax.scan``, each layer counted.
 
     ``compile_step(unrolled)`` compiles the step as configured (False) or with its loops unrolled (True: the
-    layer scan, and on TPU the partitioner's windowed-einsum loops). XLA's cost analysis counts a while
+    layer scan, and on TPU without the partitioner's windowed-einsum loops). XLA's cost analysis counts a while
     loop's body once whatever its trip count, so where the compiled step has a loop its cost comes from the
     unrolled compile. Returns (cost, whether the unrolled step was used).
     """
@@ -260,8 +385,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=None, help="stage 3: positions (default: data.max_context)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: the config's)")
     parser.add_argument("--audio-seconds", type=float, default=None, help="audio input length (default: the config's)")
-    parser.add_argument("--unrolled-cost", action=argparse.BooleanOptionalAction, default=True,
-                        help="where the step has loops, compile it again unrolled for the cost figures (default)")
+    parser.add_argument("--cost", choices=COST_METHODS, default="unrolled",
+                        help="where the step has loops (XLA counts a loop body once): compile it again unrolled "
+                             "(default), extrapolate from 1- and 2-layer unrolled copies (depth: paper scale in "
+                             "minutes), or take the counts as compiled (once)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set model.attention=splash (repeatable)")
     parser.add_argument("--infer", action="store_true",
@@ -309,8 +436,12 @@ class Step:
     trainable_params: int
     trained_values: int
 
+    @property
+    def args(self) -> tuple[Any, ...]:
+        return self.trained, self.frozen, self.batch
+
     def lower(self) -> Any:
-        return self.jitted.lower(self.trained, self.frozen, self.batch)
+        return self.jitted.lower(*self.args)
 
 
 def build_step(config: Any, mesh: Any, batch_size: int, seq_len: int | None) -> Step:
@@ -371,37 +502,40 @@ def print_memory(memory: Memory | None, target: Target) -> None:
     print(line)
 
 
-def costed(compiled: Any, compile_step: Callable[[bool], Any], unrolled_cost: bool, unit: str) -> Cost:
-    """The compiled program's cost with every loop iteration counted (see :func:`scan_free_cost`), saying how."""
+COST_HOW = {
+    "unrolled": "the step compiled again with its loops unrolled",
+    "depth": "unrolled copies 1 and 2 layers deep, extrapolated to every layer",
+}
+
+
+def costed(compiled: Any, program: Any, build: Callable[[Any], Any], config: Any, method: str, s: Setup) -> Cost:
+    """The compiled program's cost with every loop iteration counted (see :func:`loop_free_cost`), saying how."""
     start = time.perf_counter()
     as_configured = cost_of(compiled)
-    if as_configured.loops and unrolled_cost:
+    if as_configured.loops and method != "once":
         seconds_text = f"{as_configured.seconds * 1e3:.3f} ms" if as_configured.seconds else "none"
         print(f"it has {as_configured.loops} loop(s); XLA's counts with each body once: "
-              f"{as_configured.flops / 1e12:.4g} TFLOP per {unit}, step time {seconds_text}; compiling it unrolled",
-              flush=True)
-    if unrolled_cost:
-        cost, unrolled = scan_free_cost(compile_step, compiled)
-    else:
-        cost, unrolled = as_configured, False
-    if unrolled:
-        print(f"cost from the step compiled again with its loops unrolled ({time.perf_counter() - start:.1f} s): "
-              "XLA counts a loop body once")
+              f"{as_configured.flops / 1e12:.4g} TFLOP per {s.target.unit}, step time {seconds_text}; "
+              f"costing it from {COST_HOW[method]}", flush=True)
+    cost, how = loop_free_cost(compiled, program, build, config, method, s.mesh, s.target)
+    if how != "once":
+        print(f"cost from {COST_HOW[how]} ({time.perf_counter() - start:.1f} s): XLA counts a loop body once")
         if cost.loops:
             print(f"note: {cost.loops} loop(s) remain; XLA counts their bodies once, so the cost figures are low")
     elif cost.loops:
         print(f"note: it has {cost.loops} loop(s) whose bodies XLA counts once; cost figures are low "
-              "(--unrolled-cost counts every iteration)")
+              "(--cost unrolled or depth counts every iteration)")
     return cost
 
 
-def step_seconds(cost: Cost, chip: Chip) -> tuple[float, str]:
-    """XLA's estimated run time, or where its TPU cost model answers -1 (seen with fsdp > 1) its counts' roofline."""
+def step_seconds(cost: Cost, chip: Chip, traced_flops: float) -> tuple[float, str, bool]:
+    """XLA's estimated run time, or where its TPU cost model answers -1 (seen with fsdp > 1) the roofline of the
+    counts; returns (seconds, how, whether it is only the roofline's lower bound)."""
     if cost.seconds is not None:
-        return cost.seconds, "XLA's optimal_seconds"
-    return cost.roofline_seconds(chip), (
+        return cost.seconds, "XLA's optimal_seconds", False
+    return cost.roofline_seconds(chip, traced_flops), (
         f"XLA gives none for this program; roofline of its counts: {chip.peak_bf16_flops / 1e12:g} "
-        f"TFLOP/s, {chip.hbm_bytes_per_second / 1e9:g} GB/s")
+        f"TFLOP/s, {chip.hbm_bytes_per_second / 1e9:g} GB/s"), True
 
 
 def print_estimate(cost: Cost, flops: float, target: Target, n: int, tokens: int | None = None) -> float | None:
@@ -416,12 +550,18 @@ def print_estimate(cost: Cost, flops: float, target: Target, n: int, tokens: int
         return None
     from xemogpt_jax import metrics
 
-    seconds, how = step_seconds(cost, target.chip)
+    seconds, how, bound = step_seconds(cost, target.chip, flops / n)
     if cost.loops:  # the time counts each loop body once: too low, and an MFU from it would be too high
         print(f"step time (compiler estimate, each loop body counted once: too low): {seconds * 1e3:.3f} ms ({how})")
-        print("MFU: not estimated (the step time above counts each loop body once; --unrolled-cost counts them all)")
+        print("MFU: not estimated (the step time above counts each loop body once; --cost unrolled or depth "
+              "counts them all)")
         return seconds
     mfu = metrics.mfu(flops, seconds, target.chip.peak_bf16_flops, n)
+    if bound:  # the roofline ignores communication and every stall: a floor on the time, a ceiling on the MFU
+        print(f"step time (lower bound, not an estimate): {seconds * 1e3:.3f} ms ({how})")
+        print(f"MFU: not estimated, at most {100 * mfu:.1f}% (from the roofline; a data-parallel mesh gets "
+              "XLA's estimate)")
+        return None
     print(f"step time (compiler estimate): {seconds * 1e3:.3f} ms ({how})")
     print(f"MFU (compiler estimate): {100 * mfu:.1f}% = {flops / n / 1e12:.4f} TFLOP per chip / "
           f"{seconds * 1e3:.3f} ms / {target.chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16 peak")
@@ -540,34 +680,31 @@ def run(args: argparse.Namespace) -> int:
     print(f"batch (from the stage's collate): {lengths}")
     print(f"parameters: {step.total_params / 1e9:.3f} B total, {step.trainable_params / 1e6:.1f} M trainable; "
           f"optimizer + trained state {step.trained_values / 1e6:.1f} M values")
-    unrolled_config = unrolled_copy(s.config)
-
-    def compile_step(unrolled: bool) -> Any:
-        rebuild = None if unrolled_config is None else \
-            (lambda: build_step(unrolled_config, s.mesh, s.batch_size, args.seq_len))
-        return compile_variant(step, rebuild, unrolled, s.mesh, s.target)
+    def build(config: Any) -> Step:
+        return build_step(config, s.mesh, s.batch_size, args.seq_len)
 
     tokens = s.batch_size * step.batch["token_ids"].shape[1] if "token_ids" in step.batch else None
-    memory = compile_and_report(compile_step, step.jitted, (step.trained, step.frozen, step.batch), tokens, s, args)
+    memory = compile_and_report(step, build, tokens, s, args)
     check_fits(memory, s.target)
     return 0
 
 
-def compile_and_report(compile_program: Callable[[bool], Any], jitted: Any, inputs: tuple[Any, ...],
-                       tokens: int | None, s: Setup, args: argparse.Namespace) -> Memory | None:
-    """Compile a program as configured, print its memory, cost, step time and MFU; returns its memory."""
+def compile_and_report(program: Any, build: Callable[[Any], Any], tokens: int | None, s: Setup,
+                       args: argparse.Namespace) -> Memory | None:
+    """Compile ``program`` (what ``build(s.config)`` gives) as configured, print its memory, cost, step time and
+    MFU; returns its memory."""
     import jax
 
     from xemogpt_jax import metrics
 
     start = time.perf_counter()
-    compiled = compile_program(False)
+    compiled = compile_variant(program, None, False, s.mesh, s.target)
     print(f"lowered and compiled in {time.perf_counter() - start:.1f} s", flush=True)
     memory = memory_of(compiled)
     print_memory(memory, s.target)
-    cost = costed(compiled, compile_program, args.unrolled_cost, s.target.unit)
+    cost = costed(compiled, program, build, s.config, args.cost, s)
     with jax.set_mesh(s.mesh):
-        flops = metrics.traced_flops(jitted, *inputs)
+        flops = metrics.traced_flops(program.jitted, *program.args)
     print_estimate(cost, flops, s.target, len(s.devices), tokens)
     return memory
 
@@ -582,17 +719,15 @@ def run_infer(args: argparse.Namespace, s: Setup) -> int:
 
     print(describe(s, args).replace("global batch", "clips"))
     configured = programs(s.config)
-    unrolled_config = unrolled_copy(s.config)
     worst: aot_infer.Program | None = None
     worst_memory: Memory | None = None
     for index, program in enumerate(configured):
         print(f"\n{program.name}")
 
-        def compile_program(unrolled: bool, index: int = index, program: aot_infer.Program = program) -> Any:
-            rebuild = None if unrolled_config is None else (lambda: programs(unrolled_config)[index])
-            return compile_variant(program, rebuild, unrolled, s.mesh, s.target)
+        def build(config: Any, index: int = index) -> aot_infer.Program:
+            return programs(config)[index]
 
-        memory = compile_and_report(compile_program, program.jitted, program.args, program.tokens, s, args)
+        memory = compile_and_report(program, build, program.tokens, s, args)
         if memory is not None and (worst_memory is None or memory.peak > worst_memory.peak):
             worst, worst_memory = program, memory
     if worst is not None:

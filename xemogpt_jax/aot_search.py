@@ -144,18 +144,15 @@ def search(args: Any, s: Any) -> list[Result]:
         layout, step, compiled = largest
         result = next(r for r in results if r.layout == layout)
 
-        def compile_step(unrolled: bool, layout: Layout = layout, step: Any = step) -> Any:
-            unrolled_config = aot_check.unrolled_copy(layout.configure(s.config))
-            rebuild = None if unrolled_config is None else \
-                (lambda: aot_check.build_step(unrolled_config, mesh, layout.global_batch, args.seq_len))
-            return aot_check.compile_variant(step, rebuild, unrolled, mesh, s.target)
+        def build(config: Any, layout: Layout = layout) -> Any:
+            return aot_check.build_step(config, mesh, layout.global_batch, args.seq_len)
 
-        cost, _ = aot_check.scan_free_cost(compile_step, compiled) if args.unrolled_cost else \
-            (aot_check.cost_of(compiled), False)
-        result.seconds, _ = aot_check.step_seconds(cost, s.target.chip)
+        cost, _ = aot_check.loop_free_cost(compiled, step, build, layout.configure(s.config), args.cost, mesh,
+                                           s.target)
         with jax.set_mesh(mesh):
-            flops = metrics.traced_flops(step.jitted, step.trained, step.frozen, step.batch)
-        if not cost.loops:  # a time that counts each loop body once would give too high an MFU
+            flops = metrics.traced_flops(step.jitted, *step.args)
+        result.seconds, _, bound = aot_check.step_seconds(cost, s.target.chip, flops / len(s.devices))
+        if not cost.loops and not bound:  # a time that counts loop bodies once, or a roofline, overstates MFU
             result.mfu = metrics.mfu(flops, result.seconds, s.target.chip.peak_bf16_flops, len(s.devices))
         tokens = step.batch.get("token_ids")
         result.items = layout.global_batch * (tokens.shape[1] if tokens is not None else 1)
