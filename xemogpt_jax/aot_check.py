@@ -565,6 +565,12 @@ def print_estimate(cost: Cost, flops: float, target: Target, n: int, tokens: int
     print(f"step time (compiler estimate): {seconds * 1e3:.3f} ms ({how})")
     print(f"MFU (compiler estimate): {100 * mfu:.1f}% = {flops / n / 1e12:.4f} TFLOP per chip / "
           f"{seconds * 1e3:.3f} ms / {target.chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16 peak")
+    unseen = flops / n - cost.flops
+    if unseen > 0:  # e.g. splash attention: a Pallas kernel, whose FLOPs (and maybe time) XLA's model leaves out
+        extra = unseen / target.chip.peak_bf16_flops
+        print(f"note: XLA counts {unseen / 1e12:.4g} TFLOP per chip fewer than the step's matmuls (a Pallas kernel's "
+              f"it cannot see); if its time leaves them out too, at peak they add {extra * 1e3:.1f} ms: "
+              f"MFU {100 * metrics.mfu(flops, seconds + extra, target.chip.peak_bf16_flops, n):.1f}%")
     if tokens:
         print(f"tokens/s per chip (compiler estimate): {tokens / seconds / n:.1f}")
     return seconds
