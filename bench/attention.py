@@ -13,8 +13,6 @@ Usage: python -m bench.attention [--batch 4 --seq 2048 --repeats 20]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
@@ -22,19 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from bench.timing import median_seconds
 from xemogpt_jax.models.attention import AttentionConfig, attention, dot_product_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-
-
-def median_ms(step: Callable[[], object], repeats: int) -> float:
-    step()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def ours(impl: str, q, k, v, key_mask) -> Callable[[], object]:
@@ -92,10 +81,13 @@ def main() -> None:
     device = "cuda" if on_gpu else "cpu"
     print(f"causal GQA {HEADS}:{KV_HEADS} heads of {HEAD_DIM}, batch {batch} x {seq}, {jnp.dtype(dtype).name}, "
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} on {device}")
-    theirs = median_ms(pytorch(q, k, v, key_mask, device), args.repeats)
+    impls = ("cudnn", "xla") if on_gpu else ("blocked", "xla")
+    seconds = median_seconds([pytorch(q, k, v, key_mask, device)] + [ours(i, q, k, v, key_mask) for i in impls],
+                             args.repeats)
+    theirs = 1e3 * seconds[0]
     print(f"  torch sdpa  {theirs:8.2f} ms  {flops / theirs / 1e9:7.1f} TFLOP/s")
-    for impl in ("cudnn", "xla") if on_gpu else ("blocked", "xla"):
-        ms = median_ms(ours(impl, q, k, v, key_mask), args.repeats)
+    for impl, s in zip(impls, seconds[1:]):
+        ms = 1e3 * s
         print(f"  ours {impl:6s} {ms:8.2f} ms  {flops / ms / 1e9:7.1f} TFLOP/s   {theirs / ms:.2f}x torch")
 
 

@@ -2,7 +2,8 @@
 
 1. decode: the LLM alone (a small random Qwen3), prompts given as input embeddings, greedy and
    5-beam; decode tokens/s = new tokens after the first / (time(N tokens) - time(1 token)), so
-   the prefill is not counted.
+   the prefill is not counted. Every figure is the best of ``--repeats`` runs, ours and theirs
+   timed in turn (``bench.timing``), so their ratio survives a machine whose speed drifts.
 2. explanations/s: the whole model on the shared clip (audio + video + subtitle) -> text, ours
    (``Explainer.explain``) vs a PyTorch composition of transformers modules (CLIPVisionModel,
    HubertModel, CLIP/HuBERT encoder layers as bridges, Linear projections, Qwen3ForCausalLM)
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -27,6 +26,7 @@ import torch
 import transformers
 from flax import nnx
 
+from bench.timing import best_seconds
 from xemogpt_jax import emocue360, loading, prompt
 from xemogpt_jax.explainer import Clip, Decoding, Explainer, read_clip
 from xemogpt_jax.generate import GenerationConfig, generate
@@ -52,15 +52,6 @@ def small_qwen(vocab_size: int) -> transformers.Qwen3Config:
         pad_token_id=0, eos_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         attn_implementation="sdpa",
     )
-
-
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 # ---- 1. decode -----------------------------------------------------------------------------------
@@ -91,11 +82,11 @@ def bench_decode(new_tokens: int, batches: list[int], repeats: int, prompt_lengt
                                 max_new_tokens=n, min_new_tokens=n, num_beams=beams, do_sample=False,
                                 pad_token_id=0, eos_token_id=None)
 
-            rates = []
-            for run in (ours_run, hf_run):
-                run(1), run(new_tokens)  # compile / warm up
-                full, first = best_of(lambda: run(new_tokens), repeats), best_of(lambda: run(1), repeats)
-                rates.append(batch * (new_tokens - 1) / max(full - first, 1e-9))
+            ours_full, hf_full, ours_first, hf_first = best_seconds(
+                [lambda: ours_run(new_tokens), lambda: hf_run(new_tokens), lambda: ours_run(1), lambda: hf_run(1)],
+                repeats)
+            rates = [batch * (new_tokens - 1) / max(full - first, 1e-9)
+                     for full, first in ((ours_full, ours_first), (hf_full, hf_first))]
             mode = "greedy" if beams == 1 else f"beam {beams}"
             print(f"{mode:<14}{batch:>6}{rates[0]:>13.1f}{rates[1]:>11.1f}{rates[0] / rates[1]:>7.2f}x")
 
@@ -155,8 +146,7 @@ def bench_explanations(new_tokens: int, clips: int, repeats: int) -> None:
     ours_text = explainer.explain(batch_clips, decoding)
     torch_tokens = torch_run()
     same = ours_text[0] == explainer.decode(torch_tokens[0], (tokenizer.eos_token_id,))
-    ours_s = best_of(lambda: explainer.explain(batch_clips, decoding), repeats)
-    torch_s = best_of(torch_run, repeats)
+    ours_s, torch_s = best_seconds([lambda: explainer.explain(batch_clips, decoding), torch_run], repeats)
     print(f"explanations: whole model on the shared clip (16 frames 64px, 2 s audio), {clips} clips per batch, "
           f"greedy {new_tokens} tokens; same text as transformers: {same}")
     print(f"  ours {clips / ours_s:.2f} explanations/s   transformers {clips / torch_s:.2f} explanations/s   "
@@ -184,10 +174,9 @@ def bench_scoring(samples: int, repeats: int) -> None:
     ours = emocue360.jax_embedder(folder)
     reference = SentenceTransformer(str(folder), device="cpu")
     ref_embed = lambda texts: reference.encode(texts, convert_to_numpy=True, batch_size=128)  # noqa: E731
-    rates = []
-    for embed in (ours, ref_embed):
-        emocue360.score(pred, gt, embed)
-        rates.append(cues / best_of(lambda: emocue360.score(pred, gt, embed), repeats))
+    seconds = best_seconds([lambda: emocue360.score(pred, gt, ours), lambda: emocue360.score(pred, gt, ref_embed)],
+                           repeats)
+    rates = [cues / s for s in seconds]
     print(f"EmoCue-360 scoring, {samples} samples, {cues} cues (MiniLM-L6): ours {rates[0]:.0f} cues/s, "
           f"sentence-transformers {rates[1]:.0f} cues/s, ratio {rates[0] / rates[1]:.2f}x")
 

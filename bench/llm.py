@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +22,7 @@ import torch
 import transformers
 from flax import nnx
 
+from bench.timing import median_seconds
 from xemogpt_jax import loading
 from xemogpt_jax.generate import GenerationConfig, generate
 from xemogpt_jax.models import qwen3_params
@@ -58,18 +56,6 @@ def hf_config() -> transformers.Qwen3Config:
     )
 
 
-def median_seconds(ours: Callable[[], object], theirs: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median wall time of each, measured alternately so load from other processes hits both alike."""
-    ours(), theirs()  # warm-up (and compile)
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, bucket in ((ours, times[0]), (theirs, times[1])):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
 def train_flops_per_token(config: transformers.Qwen3Config, params: int, seq: int) -> float:
     """Model FLOPs of one forward+backward per token: 6 per parameter, plus causal attention's score and
     value products (half of the full ``12 * layers * seq * heads * head_dim``)."""
@@ -99,7 +85,8 @@ def bench_train(hf_model, model, ids: np.ndarray, repeats: int, device: Device) 
         loss.backward()
         device.synchronize()
 
-    ours, theirs = median_seconds(lambda: jax.block_until_ready(loss_and_grads(state, ids_jax)), torch_step, repeats)
+    ours, theirs = median_seconds([lambda: jax.block_until_ready(loss_and_grads(state, ids_jax)), torch_step],
+                                  repeats)
     hf_model.eval()
     return tokens / ours, tokens / theirs
 
@@ -122,7 +109,7 @@ def bench_decode(hf_model, model, ids: np.ndarray, new: int, repeats: int, devic
 
     theirs_out = hf_generate()[:, ids.shape[1]:].cpu().numpy()
     ours, theirs = median_seconds(
-        lambda: jax.block_until_ready(generate(model, ids_jax, config=config)), hf_generate, repeats
+        [lambda: jax.block_until_ready(generate(model, ids_jax, config=config)), hf_generate], repeats
     )
     return tokens / ours, tokens / theirs, bool(np.array_equal(ours_out, theirs_out))
 

@@ -272,7 +272,7 @@ def test_infer_compiles_the_prefill_and_a_decode_step_greedy_and_with_beams(caps
     names = [section.splitlines()[0] for section in sections[:3]]
     assert names[0].startswith("prefill (4 clips x 384 prompt positions)"), names
     assert names[1] == "decode step, greedy (4 rows, cache of 400)", names
-    assert names[2] == "decode step, 5 beams (20 rows, cache of 400)", names
+    assert names[2] == "decode step, 5 beams (20 rows, 16 own slots each, a 384-slot prompt per clip)", names
     for section in sections[:3]:
         values = figures(section)  # a tiny decode step's temporaries and MFU may print as 0.000 / 0.0
         assert all(values[name] > 0 for name in ("arguments", "step_ms", "traced_tflop", "xla_tflop")), values

@@ -4,7 +4,8 @@ Inference runs :func:`xemogpt_jax.generate.generate_scored` on the prompt embedd
 clip (16 frames, the config's longest audio, the prompt text). What decides its memory and speed is two
 programs: the prefill (encoders, bridges, the prompt through the LLM, filling the KV cache) and one decode
 step (one token per row against the cache). A decode step is compiled at 1 row per clip (greedy) and at
-``beams`` rows per clip (the release's 5-beam search, which also reorders the cache by each beam's parent).
+``beams`` rows per clip (the release's 5-beam search: the clip's prompt slots shared by its beams, each beam's
+own slots reordered by its parent).
 The model is built abstractly, as the train step is: no weight is allocated.
 """
 
@@ -52,7 +53,7 @@ def build_programs(config: Any, mesh: Any, batch_size: int, seq_len: int | None,
     from jax.sharding import NamedSharding
 
     from xemogpt_jax import generate, sharding, stages
-    from xemogpt_jax.models.qwen3 import KVCache
+    from xemogpt_jax.models.qwen3 import KVCache, SharedPrompt
 
     task = stages.task_for(config, SimpleNamespace(eos_token_id=1, pad_token_id=0))
     model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(config.seed)))
@@ -81,24 +82,28 @@ def build_programs(config: Any, mesh: Any, batch_size: int, seq_len: int | None,
 
     llm = model.config.llm
 
-    def cache_for(rows: int) -> KVCache:
-        slots, heads, width = length + max_new_tokens, llm.num_key_value_heads, llm.head_dim
-        dtype = llm.dtype or jnp.float32
+    heads, width, dtype = llm.num_key_value_heads, llm.head_dim, llm.dtype or jnp.float32
 
-        def buffers(shape: tuple[int, ...], axes: tuple[str, ...]) -> tuple[jax.ShapeDtypeStruct, ...]:
+    def buffers(rows: int, slots: int) -> tuple[tuple[jax.ShapeDtypeStruct, ...], ...]:
+        """Every layer's keys and values, and the slots' validity."""
+        def per_layer(shape: tuple[int, ...], axes: tuple[str, ...]) -> tuple[jax.ShapeDtypeStruct, ...]:
             spec = NamedSharding(mesh, sharding.logical_to_spec(axes))
             return (jax.ShapeDtypeStruct(shape, dtype, sharding=spec),) * llm.num_hidden_layers
 
-        rows_spec = sharding.batch_sharding(mesh, 2)
+        return (per_layer((rows, heads, width, slots), KEY_AXES), per_layer((rows, heads, slots, width), VALUE_AXES),
+                jax.ShapeDtypeStruct((rows, slots), jnp.bool_, sharding=sharding.batch_sharding(mesh, 2)))
+
+    def cache_for(rows: int) -> KVCache:
+        """Greedy: the prompt's slots and the generated ones per row; beams: the prompt once per clip, shared."""
+        shared = rows > batch_size
+        keys, values, mask = buffers(rows, max_new_tokens if shared else length + max_new_tokens)
         scalar = NamedSharding(mesh, jax.sharding.PartitionSpec())
-        return KVCache(k=buffers((rows, heads, width, slots), KEY_AXES),
-                       v=buffers((rows, heads, slots, width), VALUE_AXES),
-                       mask=jax.ShapeDtypeStruct((rows, slots), jnp.bool_, sharding=rows_spec),
-                       index=jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
-                       lengths=jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1)))
+        return KVCache(k=keys, v=values, mask=mask, index=jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
+                       lengths=jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1)),
+                       prompt=SharedPrompt(*buffers(batch_size, length)) if shared else None)
 
     def decode(state: Any, tokens: jax.Array, parents: jax.Array | None, cache: KVCache):
-        if parents is not None:  # beam search: each beam continues its parent's cache
+        if parents is not None:  # beam search: each beam continues its parent's generated slots
             cache = cache.take_rows(parents)
         llm = nnx.merge(graphdef, state).llm
         return generate._decode_step(llm, llm.layer_list(), tokens, cache)
@@ -110,7 +115,8 @@ def build_programs(config: Any, mesh: Any, batch_size: int, seq_len: int | None,
         rows = batch_size * k
         tokens = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
         parents = tokens if k > 1 else None
-        what = "greedy" if k == 1 else f"{k} beams"
-        programs.append(Program(f"decode step, {what} ({rows} rows, cache of {length + max_new_tokens})",
+        what = (f"greedy ({rows} rows, cache of {length + max_new_tokens})" if k == 1 else
+                f"{k} beams ({rows} rows, {max_new_tokens} own slots each, a {length}-slot prompt per clip)")
+        programs.append(Program(f"decode step, {what}",
                                 decode_step, (state, tokens, parents, cache_for(rows)), rows))
     return programs

@@ -8,6 +8,9 @@ finished-hypothesis pool, length penalty, early-stop heuristic) so its best beam
 ``do_sample`` it is transformers' beam sampling: the beams' log-probs are divided by the temperature
 and top-p filtered (keeping at least one non-EOS token), and the 2K candidates are drawn without
 replacement from the softmax of the accumulated scores (Gumbel top-k) instead of taken greedily.
+The beams of a row share one copy of the prompt's cache (:meth:`KVCache.share_prompt`), so a
+step's beam reordering moves only the slots the beams generated, and attention reads the prompt
+once per row, not once per beam.
 
 With ``on_step``, greedy and sampled decoding hand each step's tokens to the host as they are
 chosen (an ordered ``io_callback`` in the loop), so a server can stream while the batch decodes.
@@ -152,9 +155,11 @@ def _generate_jit(graphdef, state, input_ids, inputs_embeds, attention_mask, rng
                   listener: jax.Array | None):
     model = nnx.merge(graphdef, state)
     layers = model.layer_list()  # sliced once, outside the decode loop
-    logits, cache = _prefill(model, layers, input_ids, inputs_embeds, attention_mask, config.max_new_tokens)
+    beams = config.num_beams > 1  # the beams' own cache slots come with share_prompt
+    logits, cache = _prefill(model, layers, input_ids, inputs_embeds, attention_mask,
+                             0 if beams else config.max_new_tokens)
     step = partial(_decode_step, model, layers)
-    if config.num_beams > 1:
+    if beams:
         return _beam_search(step, logits, cache, config, rng)
     return _sample_loop(step, logits, cache, rng, config, listener)
 
@@ -162,11 +167,11 @@ def _generate_jit(graphdef, state, input_ids, inputs_embeds, attention_mask, rng
 StepFn = Callable[[jax.Array, KVCache], tuple[jax.Array, KVCache]]  # last tokens [B], cache -> logits [B, V], cache
 
 
-def _prefill(model, layers, input_ids, inputs_embeds, attention_mask, max_new_tokens):
-    """Run the prompt once; logits at each row's last real token and the filled cache."""
+def _prefill(model, layers, input_ids, inputs_embeds, attention_mask, free_slots):
+    """Run the prompt once; logits at each row's last real token and the filled cache (``free_slots`` more)."""
     prompt = input_ids if inputs_embeds is None else inputs_embeds
     batch, length = prompt.shape[:2]
-    cache = model.init_cache(batch, length + max_new_tokens)
+    cache = model.init_cache(batch, length + free_slots)
     hidden, cache = model.hidden_states(
         input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, layers=layers
     )
@@ -322,7 +327,7 @@ def _beam_search(step_fn: StepFn, logits, cache, config: GenerationConfig, rng: 
     k, n, top = config.num_beams, config.max_new_tokens, config.top_logprobs
     keep = max(2, 1 + len(config.eos_token_id)) * k
     top_k_mask = jnp.arange(keep) < k
-    cache = cache.take_rows(jnp.repeat(jnp.arange(batch), k))
+    cache = cache.share_prompt(k, n)
     log_probs = jnp.repeat(_beam_log_probs(logits, config)[:, None], k, axis=1)
     raw = tuple(jnp.repeat(x[:, None], k, axis=1) for x in _log_probs_and_top(logits, top))
 

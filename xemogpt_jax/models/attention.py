@@ -44,20 +44,57 @@ def attention(
     return _attention(q, k, v, mask, scale, causal)
 
 
-def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def cached_attention(
+    q: jax.Array,
+    keys_t: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+    scale: float,
+    prompt: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> jax.Array:
     """Queries ``[B, T, N, D]`` against a cache in its own layout: keys ``[B, K, D, S]``, values ``[B, K, S, D]``.
 
     Both products then read the cache as stored (no per-step transpose of it), and a decode step's
     ``T = 1`` makes the only relaid tensor the small query. ``mask [B, 1, T, S]``; fp32 scores and
     softmax, as :func:`attention` (forward only: nothing differentiates through a cache).
+
+    ``prompt``: keys ``[P, K, D, L]``, values ``[P, K, L, D]`` and validity ``[P, L]`` of slots that each
+    group of ``B / P`` consecutive rows shares and sees whole (beam search's prompt, read once per group
+    rather than copied into every beam); one softmax runs over both.
     """
     grouped = _grouped(q * jnp.asarray(scale, q.dtype), keys_t.shape[1])
     scores = jnp.einsum("bkgtd,bkds->bkgts", grouped, keys_t, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, :, None], scores, MASKED_SCORE)
+    if prompt is not None:
+        prompt_keys, prompt_values, prompt_mask = prompt
+        shared_rows = _rows_by_prompt(grouped, prompt_mask.shape[0])  # [P, K, B/P*G*T, D]
+        prompt_scores = jnp.einsum("pkqd,pkds->pkqs", shared_rows, prompt_keys.astype(q.dtype),
+                                   preferred_element_type=jnp.float32)
+        prompt_scores = jnp.where(prompt_mask[:, None, None], prompt_scores, MASKED_SCORE)
+        scores = jnp.concatenate([_rows_by_cache(prompt_scores, scores.shape), scores], axis=-1)
     weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bksd->bkgtd", weights.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    weights = weights.astype(values.dtype)
+    own = weights[..., weights.shape[-1] - values.shape[2]:]
+    out = jnp.einsum("bkgts,bksd->bkgtd", own, values, preferred_element_type=jnp.float32)
+    if prompt is not None:
+        shared = _rows_by_prompt(weights[..., :prompt_mask.shape[1]], prompt_mask.shape[0])
+        out = out + _rows_by_cache(jnp.einsum("pkqs,pksd->pkqd", shared, prompt_values.astype(values.dtype),
+                                              preferred_element_type=jnp.float32), out.shape)
     return _ungrouped((out / total).astype(q.dtype))
+
+
+def _rows_by_prompt(x: jax.Array, prompts: int) -> jax.Array:
+    """``[B, K, G, T, X] -> [P, K, B/P*G*T, X]``: the rows sharing a prompt stacked per (prompt, KV head)."""
+    b, k, g, t, width = x.shape
+    return x.reshape(prompts, b // prompts, k, g * t, width).transpose(0, 2, 1, 3, 4).reshape(prompts, k, -1, width)
+
+
+def _rows_by_cache(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Inverse of :func:`_rows_by_prompt`, to ``shape[:-1]`` plus ``x``'s last axis."""
+    prompts, k, _, width = x.shape
+    b, _, g, t = shape[:4]
+    return x.reshape(prompts, k, b // prompts, g * t, width).transpose(0, 2, 1, 3, 4).reshape(b, k, g, t, width)
 
 
 def _grouped(x: jax.Array, num_kv: int) -> jax.Array:

@@ -155,29 +155,64 @@ def parse_dtype(name: str | Any) -> Any:
 
 
 @struct.dataclass
+class SharedPrompt:
+    """Prompt slots that groups of consecutive cache rows share (a row's beams): per layer, keys
+    ``[P, KV, hd, L]`` and values ``[P, KV, L, hd]``; slot validity ``[P, L]``."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    mask: jax.Array
+
+
+@struct.dataclass
 class KVCache:
     """Per layer: keys ``[B, KV, hd, S]`` (transposed, as the score product reads them) and values
-    ``[B, KV, S, hd]``; slot validity ``[B, S]``, next slot, valid tokens per row."""
+    ``[B, KV, S, hd]``; slot validity ``[B, S]``, next slot, valid tokens per row; with ``prompt``, slots
+    every group of ``B / P`` rows sees before its own (see :meth:`share_prompt`)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     mask: jax.Array
     index: jax.Array
     lengths: jax.Array
+    prompt: SharedPrompt | None = None
 
     @property
     def size(self) -> int:
         return self.mask.shape[1]
 
+    def share_prompt(self, group: int, slots: int) -> KVCache:
+        """This filled cache as the shared prompt of ``group`` rows per row, each with ``slots`` empty slots.
+
+        Beam search: a row's beams start from one prompt and differ only in what they generate, so the
+        prompt is stored once per row rather than per beam, and reordering beams moves only their own slots.
+        """
+        if self.prompt is not None:
+            raise ValueError("this cache already shares a prompt")
+        rows, (heads, width) = self.mask.shape[0] * group, self.k[0].shape[1:3]
+        return KVCache(
+            k=tuple(jnp.zeros((rows, heads, width, slots), k.dtype) for k in self.k),
+            v=tuple(jnp.zeros((rows, heads, slots, width), v.dtype) for v in self.v),
+            mask=jnp.zeros((rows, slots), bool),
+            index=jnp.zeros((), jnp.int32),
+            lengths=jnp.repeat(self.lengths, group),
+            prompt=SharedPrompt(self.k, self.v, self.mask),
+        )
+
     def take_rows(self, rows: jax.Array) -> KVCache:
-        """The cache of rows ``rows`` (beam search's reordering)."""
+        """The cache of rows ``rows`` (beam search's reordering; each row keeps to its shared prompt's group)."""
         return KVCache(
             k=tuple(jnp.take(k, rows, axis=0) for k in self.k),
             v=tuple(jnp.take(v, rows, axis=0) for v in self.v),
             mask=jnp.take(self.mask, rows, axis=0),
             index=self.index,
             lengths=jnp.take(self.lengths, rows, axis=0),
+            prompt=self.prompt,
         )
+
+    def layer_prompt(self, layer: int) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        """Layer ``layer``'s shared prompt as :func:`~xemogpt_jax.models.attention.cached_attention` takes it."""
+        return None if self.prompt is None else (self.prompt.k[layer], self.prompt.v[layer], self.prompt.mask)
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -232,7 +267,7 @@ class Attention(nnx.Module):
         cos: jax.Array,
         sin: jax.Array,
         attend: jax.Array,
-        kv_slots: tuple[jax.Array, jax.Array, jax.Array] | None,
+        kv_slots: tuple[jax.Array, jax.Array, jax.Array, tuple | None] | None,
         dropout_key: jax.Array | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.config
@@ -250,13 +285,14 @@ class Attention(nnx.Module):
         updated = None
         impl = c.attention.resolved()
         if kv_slots is not None:  # T queries against the cache's S slots, in its own layout, on every backend
-            cache_k, cache_v, index = kv_slots
+            cache_k, cache_v, index, prompt = kv_slots
             cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 3, 1).astype(cache_k.dtype),
                                                    (0, 0, 0, index))
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype),
                                                    (0, 0, index, 0))
             updated = (cache_k, cache_v)
-            out = cached_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), attend, c.head_dim**-0.5)
+            out = cached_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), attend, c.head_dim**-0.5,
+                                   prompt)
         elif impl == "blocked":
             out = attention(q, k, v, attend, c.head_dim**-0.5, causal=True)
         else:  # training / a cache-less forward: causal over the row's valid keys
@@ -399,7 +435,7 @@ class Qwen3ForCausalLM(nnx.Module):
         if cache is not None:
             x, keys, values = self._cached_layers(x, cos, sin, attend, cache, layer_keys, layers)
             new_cache = KVCache(k=keys, v=values, mask=key_valid, index=cache.index + t,
-                                lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32))
+                                lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32), prompt=cache.prompt)
             return self.norm(x), new_cache
 
         graphdef, layer_state = nnx.split(self.layers)
@@ -430,7 +466,7 @@ class Qwen3ForCausalLM(nnx.Module):
         keys, values = [], []
         for i, layer in enumerate(layers or self.layer_list()):
             key = None if layer_keys is None else layer_keys[i]
-            x, (k, v) = layer(x, cos, sin, attend, (cache.k[i], cache.v[i], cache.index), key)
+            x, (k, v) = layer(x, cos, sin, attend, (cache.k[i], cache.v[i], cache.index, cache.layer_prompt(i)), key)
             keys.append(k)
             values.append(v)
         return x, tuple(keys), tuple(values)
