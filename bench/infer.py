@@ -10,7 +10,7 @@
    holding the same weights, both greedy from the same preprocessed inputs and prompt layout.
 3. EmoCue-360 scoring: cues/s of ``emocue360.score`` with our JAX MiniLM vs sentence-transformers.
 
-    python -m bench.infer [--new-tokens 64] [--batch 1 8] [--repeats 3] [--clips 8]
+    python -m bench.infer [--new-tokens 64] [--batch 1 8] [--repeats 5] [--clips 8]
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--clips", type=int, default=8, help="clips per batch for explanations/s")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--samples", type=int, default=200, help="samples for the scoring benchmark")
     parser.add_argument("--only", choices=("decode", "explain", "score"))
     args = parser.parse_args()

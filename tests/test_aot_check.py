@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from xemogpt_jax import aot_check
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,3 +58,19 @@ def test_depth_extrapolation_equals_the_fully_unrolled_cost():
     assert full.loops == 0 and extrapolated.loops == 0
     assert extrapolated.flops == pytest.approx(full.flops, rel=1e-3)
     assert extrapolated.bytes_accessed == pytest.approx(full.bytes_accessed, rel=2e-2)
+
+
+def test_flops_xla_cannot_see_set_the_roofline_floor_and_the_printed_mfu_without_them(capsys):
+    """A splash step: XLA counts 1 of the 3 TFLOP per chip it runs (the rest are a Pallas kernel's)."""
+    target = aot_check.parse_target("tpu:v5e:2x2")
+    peak = target.chip.peak_bf16_flops
+    cost = aot_check.Cost(flops=1e12, bytes_accessed=1e6, seconds=0.02, loops=0)
+    assert cost.unseen_flops(3e12) == 2e12 and cost.unseen_flops(0.5e12) == 0
+    assert cost.roofline_seconds(target.chip, traced_flops=3e12) == pytest.approx(3e12 / peak)
+    aot_check.print_estimate(cost, flops=4 * 3e12, target=target, n=4)
+    out = capsys.readouterr().out
+    assert f"MFU (compiler estimate): {100 * 3e12 / 0.02 / peak:.1f}%" in out
+    note = re.search(r"note: XLA counts ([\d.]+) TFLOP per chip fewer .* add ([\d.]+) ms: MFU ([\d.]+)%", out)
+    assert note, out
+    assert float(note[1]) == 2 and float(note[2]) == pytest.approx(1e3 * 2e12 / peak, abs=0.05)
+    assert float(note[3]) == pytest.approx(100 * 3e12 / (0.02 + 2e12 / peak) / peak, abs=0.05)

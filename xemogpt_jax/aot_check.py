@@ -175,13 +175,15 @@ class Cost:
     seconds: float | None  # XLA's estimated run time (TPU's optimal_seconds; None where it gives none)
     loops: int  # while loops in the compiled program (their bodies are counted once)
 
-    def roofline_seconds(self, chip: Chip, traced_flops: float = 0.0) -> float:
-        """The roofline of XLA's counts: the slower of the chip's bf16 matmul peak and its HBM bandwidth.
+    def unseen_flops(self, traced_flops: float) -> float:
+        """Of the step's matmul FLOPs per chip (``traced_flops``), those XLA's count leaves out: a Pallas
+        kernel's, which it cannot see (splash attention is a custom call to one)."""
+        return max(0.0, traced_flops - self.flops)
 
-        ``traced_flops`` (per chip) is the floor for the FLOPs: XLA does not count a Pallas kernel's (splash
-        attention is a custom call to it), so its count can be below the matmuls the step runs.
-        """
-        flops = max(self.flops, traced_flops)
+    def roofline_seconds(self, chip: Chip, traced_flops: float = 0.0) -> float:
+        """The roofline of XLA's counts plus the FLOPs it cannot see: the slower of the chip's bf16 matmul
+        peak and its HBM bandwidth."""
+        flops = self.flops + self.unseen_flops(traced_flops)
         return max(flops / chip.peak_bf16_flops, self.bytes_accessed / chip.hbm_bytes_per_second)
 
 
@@ -565,8 +567,8 @@ def print_estimate(cost: Cost, flops: float, target: Target, n: int, tokens: int
     print(f"step time (compiler estimate): {seconds * 1e3:.3f} ms ({how})")
     print(f"MFU (compiler estimate): {100 * mfu:.1f}% = {flops / n / 1e12:.4f} TFLOP per chip / "
           f"{seconds * 1e3:.3f} ms / {target.chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16 peak")
-    unseen = flops / n - cost.flops
-    if unseen > 0:  # e.g. splash attention: a Pallas kernel, whose FLOPs (and maybe time) XLA's model leaves out
+    unseen = cost.unseen_flops(flops / n)
+    if unseen:  # their time may be missing from XLA's estimate too
         extra = unseen / target.chip.peak_bf16_flops
         print(f"note: XLA counts {unseen / 1e12:.4g} TFLOP per chip fewer than the step's matmuls (a Pallas kernel's "
               f"it cannot see); if its time leaves them out too, at peak they add {extra * 1e3:.1f} ms: "
