@@ -312,6 +312,12 @@ def run(
             with jax.set_mesh(mesh):
                 engine.trained, out = engine.step_fn(engine.trained, engine.frozen, batch)
             step += 1
+            step_tokens, data_state = tokens, json.dumps(data.get_state())
+            if step < config.train.steps:  # read the next batch while the step runs (dispatch is asynchronous)
+                local = next(data)
+                tokens = task.tokens(local) * jax.process_count()
+                with jax.set_mesh(mesh):
+                    batch = global_batch(local, mesh, task.pad_values)
             loss = float(out["loss"])
             if not math.isfinite(loss):
                 checkpoints.wait()
@@ -328,23 +334,18 @@ def run(
                 scalars = {k: float(v) for k, v in out.items()}
                 if eval_loss is not None:
                     scalars["eval_loss"] = eval_loss
-                record = writer.write(step, scalars, tokens=tokens, seconds=seconds)
+                record = writer.write(step, scalars, tokens=step_tokens, seconds=seconds)
             writer.progress(step, record)
             stop = watch.should_stop(step)
             force = stop or step == config.train.steps
             if checkpoints.save(
-                step, nnx.to_pure_dict(engine.trained), json.dumps(data.get_state()), config_json,
+                step, nnx.to_pure_dict(engine.trained), data_state, config_json,
                 eval_loss=eval_loss, force=force,
             ):
                 last_saved = step
             if stop:
                 writer.message(f"SIGTERM: saved step {step} to {checkpoints.directory}; exiting")
                 break
-            if step < config.train.steps:
-                local = next(data)
-                tokens = task.tokens(local) * jax.process_count()
-                with jax.set_mesh(mesh):
-                    batch = global_batch(local, mesh, task.pad_values)
     finally:
         watch.close()
         checkpoints.close()
