@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train and evaluate XEmoGPT end to end on synthetic data.")
     parser.add_argument("--workdir", default="demo_out", help="world, stage workdirs and the report go here")
     parser.add_argument("--clips", type=int, default=800, help="clips in the synthetic world (10%% held out)")
-    parser.add_argument("--steps", default="1000,300,800", help="train steps of stages 1, 2 and 3")
+    parser.add_argument("--steps", default="1500,600,1200",
+                        help="train steps of stages 1, 2 and 3 (docs/training.md says why these)")
     parser.add_argument("--eval-clips", type=int, default=64,
                         help="held-out clips to explain and score (their audio and frame swaps are added)")
     parser.add_argument("--max-new-tokens", type=int, default=160)
