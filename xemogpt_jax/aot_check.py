@@ -233,18 +233,22 @@ REMEDIES = ("try more fsdp (--mesh 1,N,1), a larger topology, a smaller --batch-
 # plain collective instead: the same matmuls and bytes, no loop. (Unrolling those loops,
 # xla_tpu_spmd_unroll_windowed_einsum, keeps the overlap too, but at paper scale with fsdp 16 that compile
 # did not finish in 20 minutes, where this one takes about as long as the step as configured.)
-NO_PARTITIONER_LOOPS = {"xla_tpu_enable_windowed_einsum_for_all_gather": "false",
-                        "xla_tpu_enable_windowed_einsum_for_reduce_scatter": "false"}
+# Memory-space assignment may also split a prefetch into async slices joined by a ``ConcatBitcast`` custom
+# call; XLA's TPU cost model then gives no step time at all (``optimal_seconds`` -1: seen under fsdp and
+# tensor splits, and in stage 1 even data parallel). The cost compiles prefetch whole, and get a time.
+COST_COMPILE_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": "false",
+                        "xla_tpu_enable_windowed_einsum_for_reduce_scatter": "false",
+                        "xla_tpu_sliced_prefetch_max_slices": "0"}
 
 
 def compile_variant(program: Any, unrolled_program: Callable[[], Any] | None, unrolled: bool, mesh: Any,
                     target: Target) -> Any:
     """``program`` compiled as configured, or (``unrolled``) the copy ``unrolled_program`` builds with its layer
-    scans unrolled (``program`` itself where there is none), without the TPU partitioner's loops."""
+    scans unrolled (``program`` itself where there is none), compiled with :data:`COST_COMPILE_OPTIONS` on a TPU."""
     import jax
 
     chosen = unrolled_program() if unrolled and unrolled_program is not None else program
-    options = NO_PARTITIONER_LOOPS if unrolled and target.kind == "tpu" else {}
+    options = COST_COMPILE_OPTIONS if unrolled and target.kind == "tpu" else {}
     with jax.set_mesh(mesh):
         return compile_lowered(chosen.lower, options)
 
@@ -531,8 +535,9 @@ def costed(compiled: Any, program: Any, build: Callable[[Any], Any], config: Any
 
 
 def step_seconds(cost: Cost, chip: Chip, traced_flops: float) -> tuple[float, str, bool]:
-    """XLA's estimated run time, or where its TPU cost model answers -1 (seen with fsdp > 1) the roofline of the
-    counts; returns (seconds, how, whether it is only the roofline's lower bound)."""
+    """XLA's estimated run time, or where its TPU cost model answers -1 (a program compiled as configured, see
+    :data:`COST_COMPILE_OPTIONS`) the roofline of the counts; returns (seconds, how, whether it is only the
+    roofline's lower bound)."""
     if cost.seconds is not None:
         return cost.seconds, "XLA's optimal_seconds", False
     return cost.roofline_seconds(chip, traced_flops), (
@@ -561,8 +566,7 @@ def print_estimate(cost: Cost, flops: float, target: Target, n: int, tokens: int
     mfu = metrics.mfu(flops, seconds, target.chip.peak_bf16_flops, n)
     if bound:  # the roofline ignores communication and every stall: a floor on the time, a ceiling on the MFU
         print(f"step time (lower bound, not an estimate): {seconds * 1e3:.3f} ms ({how})")
-        print(f"MFU: not estimated, at most {100 * mfu:.1f}% (from the roofline; a data-parallel mesh gets "
-              "XLA's estimate)")
+        print(f"MFU: not estimated, at most {100 * mfu:.1f}% (from the roofline)")
         return None
     print(f"step time (compiler estimate): {seconds * 1e3:.3f} ms ({how})")
     print(f"MFU (compiler estimate): {100 * mfu:.1f}% = {flops / n / 1e12:.4f} TFLOP per chip / "
