@@ -264,6 +264,17 @@ def test_flag_mistakes_are_one_line(capsys):
 
 
 @pytest.mark.slow
+def test_a_loop_free_program_with_sliced_prefetches_gets_xlas_time_from_a_whole_prefetch_compile():
+    """Stage 1 unrolled, fsdp 4: no loops, but memory-space assignment slices its prefetches, for which XLA's
+    cost model gives no time; the cost comes from a second compile that prefetches whole."""
+    rc, out, err, _ = captured(["--config", "configs/align_video.py:tiny", "--set", "model.unroll_layers=True",
+                                "--target", "tpu:v5e:2x2", "--mesh", "1,4,1"])
+    assert rc == 0, err[-3000:]
+    assert "loop(s)" not in out and "cost from the program compiled again prefetching whole" in out, out
+    assert "(XLA's optimal_seconds)" in out and "MFU (compiler estimate)" in out, out
+
+
+@pytest.mark.slow
 def test_infer_compiles_the_prefill_and_a_decode_step_greedy_and_with_beams(capsys):
     rc = aot_check.main(["--config", "configs/sft.py:tiny", "--target", "tpu:v5e:2x2", "--mesh", "4,1,1",
                          "--infer", "--batch-size", "4", "--audio-seconds", "1", "--max-new-tokens", "16",

@@ -349,8 +349,10 @@ def loop_free_cost(compiled: Any, program: Any, build: Callable[[Any], Any], con
     """The cost of ``compiled`` (``program`` as ``config`` builds it) with every loop iteration counted, by
     ``method`` (:data:`COST_METHODS`), and which method gave it: ``once`` where nothing else was compiled."""
     as_configured = cost_of(compiled)
-    if not as_configured.loops or method == "once":
+    if method == "once" or (not as_configured.loops and (as_configured.seconds or target.kind != "tpu")):
         return as_configured, "once"
+    if not as_configured.loops:
+        return cost_of(compile_variant(program, None, True, mesh, target)), "whole"
     if method == "depth" and "unroll_layers" in config.get("model", {}):
         return depth_extrapolated_cost(config, build, mesh, target), "depth"
     unrolled_config = unrolled_copy(config)
@@ -511,6 +513,7 @@ def print_memory(memory: Memory | None, target: Target) -> None:
 COST_HOW = {
     "unrolled": "the step compiled again with its loops unrolled",
     "depth": "unrolled copies 1 and 2 layers deep, extrapolated to every layer",
+    "whole": "the program compiled again prefetching whole (no step time from XLA with sliced prefetches)",
 }
 
 
@@ -525,7 +528,8 @@ def costed(compiled: Any, program: Any, build: Callable[[Any], Any], config: Any
               f"costing it from {COST_HOW[method]}", flush=True)
     cost, how = loop_free_cost(compiled, program, build, config, method, s.mesh, s.target)
     if how != "once":
-        print(f"cost from {COST_HOW[how]} ({time.perf_counter() - start:.1f} s): XLA counts a loop body once")
+        why = "" if how == "whole" else ": XLA counts a loop body once"
+        print(f"cost from {COST_HOW[how]} ({time.perf_counter() - start:.1f} s){why}")
         if cost.loops:
             print(f"note: {cost.loops} loop(s) remain; XLA counts their bodies once, so the cost figures are low")
     elif cost.loops:
