@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +164,16 @@ class SharedPrompt:
     mask: jax.Array
 
 
+class LayerCache(NamedTuple):
+    """What one layer's attention reads and writes in a cached forward: its keys and values (laid out as in
+    :class:`KVCache`), the first slot to write, and its share of a shared prompt (or None)."""
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+    prompt: tuple[jax.Array, jax.Array, jax.Array] | None
+
+
 @struct.dataclass
 class KVCache:
     """Per layer: keys ``[B, KV, hd, S]`` (transposed, as the score product reads them) and values
@@ -210,9 +220,11 @@ class KVCache:
             prompt=self.prompt,
         )
 
-    def layer_prompt(self, layer: int) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-        """Layer ``layer``'s shared prompt as :func:`~xemogpt_jax.models.attention.cached_attention` takes it."""
-        return None if self.prompt is None else (self.prompt.k[layer], self.prompt.v[layer], self.prompt.mask)
+    def layer(self, layer: int) -> LayerCache:
+        """Layer ``layer``'s buffers; its shared prompt as :func:`~xemogpt_jax.models.attention.cached_attention`
+        takes it."""
+        prompt = None if self.prompt is None else (self.prompt.k[layer], self.prompt.v[layer], self.prompt.mask)
+        return LayerCache(self.k[layer], self.v[layer], self.index, prompt)
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -267,7 +279,7 @@ class Attention(nnx.Module):
         cos: jax.Array,
         sin: jax.Array,
         attend: jax.Array,
-        kv_slots: tuple[jax.Array, jax.Array, jax.Array, tuple | None] | None,
+        cached: LayerCache | None,
         dropout_key: jax.Array | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.config
@@ -284,15 +296,14 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         updated = None
         impl = c.attention.resolved()
-        if kv_slots is not None:  # T queries against the cache's S slots, in its own layout, on every backend
-            cache_k, cache_v, index, prompt = kv_slots
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 3, 1).astype(cache_k.dtype),
-                                                   (0, 0, 0, index))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype),
-                                                   (0, 0, index, 0))
+        if cached is not None:  # T queries against the cache's S slots, in its own layout, on every backend
+            cache_k = jax.lax.dynamic_update_slice(cached.k, k.transpose(0, 2, 3, 1).astype(cached.k.dtype),
+                                                   (0, 0, 0, cached.index))
+            cache_v = jax.lax.dynamic_update_slice(cached.v, v.transpose(0, 2, 1, 3).astype(cached.v.dtype),
+                                                   (0, 0, cached.index, 0))
             updated = (cache_k, cache_v)
             out = cached_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), attend, c.head_dim**-0.5,
-                                   prompt)
+                                   cached.prompt)
         elif impl == "blocked":
             out = attention(q, k, v, attend, c.head_dim**-0.5, causal=True)
         else:  # training / a cache-less forward: causal over the row's valid keys
@@ -340,8 +351,8 @@ class DecoderLayer(nnx.Module):
         )
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, cos, sin, attend, kv_slots, dropout_key):
-        attn, updated = self.self_attn(self.input_layernorm(x), cos, sin, attend, kv_slots, dropout_key)
+    def __call__(self, x, cos, sin, attend, cached, dropout_key):
+        attn, updated = self.self_attn(self.input_layernorm(x), cos, sin, attend, cached, dropout_key)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x), dropout_key)
         return constrain(x, ("batch", "length", "embed")), updated
@@ -466,7 +477,7 @@ class Qwen3ForCausalLM(nnx.Module):
         keys, values = [], []
         for i, layer in enumerate(layers or self.layer_list()):
             key = None if layer_keys is None else layer_keys[i]
-            x, (k, v) = layer(x, cos, sin, attend, (cache.k[i], cache.v[i], cache.index, cache.layer_prompt(i)), key)
+            x, (k, v) = layer(x, cos, sin, attend, cache.layer(i), key)
             keys.append(k)
             values.append(v)
         return x, tuple(keys), tuple(values)
