@@ -53,7 +53,7 @@ def build_programs(config: Any, mesh: Any, batch_size: int, seq_len: int | None,
     from jax.sharding import NamedSharding
 
     from xemogpt_jax import generate, sharding, stages
-    from xemogpt_jax.models.qwen3 import KVCache, SharedPrompt
+    from xemogpt_jax.models.qwen3 import KVCache
 
     task = stages.task_for(config, SimpleNamespace(eos_token_id=1, pad_token_id=0))
     model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(config.seed)))
@@ -80,27 +80,31 @@ def build_programs(config: Any, mesh: Any, batch_size: int, seq_len: int | None,
         return generate._prefill(xemogpt.llm, xemogpt.llm.layer_list(), None, embeds, batch["attention_mask"],
                                  max_new_tokens)
 
-    llm = model.config.llm
+    llm = model.llm
 
-    heads, width, dtype = llm.num_key_value_heads, llm.head_dim, llm.dtype or jnp.float32
+    def placed(leaf: jax.ShapeDtypeStruct, spec: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
 
-    def buffers(rows: int, slots: int) -> tuple[tuple[jax.ShapeDtypeStruct, ...], ...]:
-        """Every layer's keys and values, and the slots' validity."""
-        def per_layer(shape: tuple[int, ...], axes: tuple[str, ...]) -> tuple[jax.ShapeDtypeStruct, ...]:
-            spec = NamedSharding(mesh, sharding.logical_to_spec(axes))
-            return (jax.ShapeDtypeStruct(shape, dtype, sharding=spec),) * llm.num_hidden_layers
-
-        return (per_layer((rows, heads, width, slots), KEY_AXES), per_layer((rows, heads, slots, width), VALUE_AXES),
-                jax.ShapeDtypeStruct((rows, slots), jnp.bool_, sharding=sharding.batch_sharding(mesh, 2)))
+    def laid_out(buffers: Any) -> Any:
+        """A cache's (or its shared prompt's) keys, values and slot mask, sharded as the model's cache is."""
+        keys, values = sharding.logical_to_spec(KEY_AXES), sharding.logical_to_spec(VALUE_AXES)
+        return dataclasses.replace(buffers, k=tuple(placed(k, keys) for k in buffers.k),
+                                   v=tuple(placed(v, values) for v in buffers.v),
+                                   mask=placed(buffers.mask, sharding.batch_sharding(mesh, 2).spec))
 
     def cache_for(rows: int) -> KVCache:
         """Greedy: the prompt's slots and the generated ones per row; beams: the prompt once per clip, shared."""
         shared = rows > batch_size
-        keys, values, mask = buffers(rows, max_new_tokens if shared else length + max_new_tokens)
-        scalar = NamedSharding(mesh, jax.sharding.PartitionSpec())
-        return KVCache(k=keys, v=values, mask=mask, index=jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
-                       lengths=jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1)),
-                       prompt=SharedPrompt(*buffers(batch_size, length)) if shared else None)
+
+        def empty() -> KVCache:
+            if shared:
+                return llm.init_cache(batch_size, length).share_prompt(rows // batch_size, max_new_tokens)
+            return llm.init_cache(rows, length + max_new_tokens)
+
+        cache = laid_out(jax.eval_shape(empty))
+        return dataclasses.replace(cache, index=placed(cache.index, jax.sharding.PartitionSpec()),
+                                   lengths=placed(cache.lengths, sharding.batch_sharding(mesh, 1).spec),
+                                   prompt=laid_out(cache.prompt) if shared else None)
 
     def decode(state: Any, tokens: jax.Array, parents: jax.Array | None, cache: KVCache):
         if parents is not None:  # beam search: each beam continues its parent's generated slots
