@@ -578,9 +578,10 @@ def print_estimate(cost: Cost, flops: float, target: Target, n: int, tokens: int
     unseen = cost.unseen_flops(flops / n)
     if unseen:  # their time may be missing from XLA's estimate too
         extra = unseen / target.chip.peak_bf16_flops
-        print(f"note: XLA counts {unseen / 1e12:.4g} TFLOP per chip fewer than the step's matmuls (a Pallas kernel's "
-              f"it cannot see); if its time leaves them out too, at peak they add {extra * 1e3:.1f} ms: "
-              f"MFU {100 * metrics.mfu(flops, seconds + extra, target.chip.peak_bf16_flops, n):.1f}%")
+        slower = metrics.mfu(flops, seconds + extra, target.chip.peak_bf16_flops, n)
+        print(f"note: XLA counts {unseen / 1e12:.4g} TFLOP per chip fewer than the step's matmuls (a Pallas "
+              f"kernel's, for one, it cannot see); if its time leaves them out too, at peak they add "
+              f"{extra * 1e3:.1f} ms: MFU {100 * slower:.1f}%")
     if tokens:
         print(f"tokens/s per chip (compiler estimate): {tokens / seconds / n:.1f}")
     return seconds
