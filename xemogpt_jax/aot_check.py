@@ -349,10 +349,12 @@ def loop_free_cost(compiled: Any, program: Any, build: Callable[[Any], Any], con
     """The cost of ``compiled`` (``program`` as ``config`` builds it) with every loop iteration counted, by
     ``method`` (:data:`COST_METHODS`), and which method gave it: ``once`` where nothing else was compiled."""
     as_configured = cost_of(compiled)
-    if method == "once" or (not as_configured.loops and (as_configured.seconds or target.kind != "tpu")):
+    if method == "once":
         return as_configured, "once"
-    if not as_configured.loops:
-        return cost_of(compile_variant(program, None, True, mesh, target)), "whole"
+    if not as_configured.loops:  # a TPU program may still lack XLA's time (see COST_COMPILE_OPTIONS)
+        if as_configured.seconds is None and target.kind == "tpu":
+            return cost_of(compile_variant(program, None, True, mesh, target)), "whole"
+        return as_configured, "once"
     if method == "depth" and "unroll_layers" in config.get("model", {}):
         return depth_extrapolated_cost(config, build, mesh, target), "depth"
     unrolled_config = unrolled_copy(config)
