@@ -136,7 +136,8 @@ TARGETS = {"v5e": ("tpu:v5e:2x2", "2,1,2", SPLASH), "v5p": ("tpu:v5p:2x2x2", "2,
 def stage_flags(config: str, target: str) -> list[str]:
     name, mesh, extra = TARGETS[target]
     unrolled = [] if config.startswith("sft") and target == "v5e" else ["--cost", "once"]
-    return ["--config", f"configs/{config}", "--target", name, "--mesh", mesh, *small_flags(config), *extra, *unrolled]
+    return ["--config", f"configs/{config}", "--target", name, "--mesh", mesh, *small_flags(config), *extra, *unrolled,
+            "--ops", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,9 @@ def test_every_stage_compiles_for_tpu_topologies_with_consistent_figures(config,
     assert values["peak"] >= values["arguments"] and values["peak"] >= values["temporaries"]
     assert values.get("mfu", 0) < 100
     assert "batch (from the stage's collate)" in out
+    # the per-op breakdown (tests/test_hlo_ops.py) of the program as compiled: its matmuls among the kinds
+    breakdown = out.split("where the time goes")[1]
+    assert re.search(r"\n +[\d.]+%  matmul\n", breakdown) and "largest 5 source ops" in breakdown, breakdown
     mesh = tuple(int(n) for n in TARGETS[target][1].split(","))
     assert f"mesh (data, fsdp, tensor) = {mesh}" in out
     # every stage scans its encoder (and stage 3 its LLM) layers, so the step as compiled has loops

@@ -399,6 +399,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where the step has loops (XLA counts a loop body once): compile it again unrolled "
                              "(default), extrapolate from 1- and 2-layer unrolled copies (depth: paper scale in "
                              "minutes), or take the counts as compiled (once)")
+    parser.add_argument("--ops", type=int, default=0, metavar="N",
+                        help="also print the N source ops the TPU compiler estimates take longest, and the split "
+                             "by kind of op (matmul, elementwise, copy, collective)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set model.attention=splash (repeatable)")
     parser.add_argument("--infer", action="store_true",
@@ -725,6 +728,11 @@ def compile_and_report(program: Any, build: Callable[[Any], Any], tokens: int | 
     with jax.set_mesh(s.mesh):
         flops = metrics.traced_flops(program.jitted, *program.args)
     print_estimate(cost, flops, s.target, len(s.devices), tokens)
+    if args.ops:
+        from xemogpt_jax import hlo_ops
+
+        print("where the time goes (the TPU compiler's per-op estimate, the program as configured):")
+        print("\n".join(hlo_ops.report(compiled.as_text(), args.ops)))
     return memory
 
 
