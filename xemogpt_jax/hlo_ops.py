@@ -1,10 +1,11 @@
 """Where a compiled TPU program spends its time, op by op, on the TPU compiler's own per-op estimate.
 
 XLA's ``cost_analysis`` gives a program's totals only. The TPU compiler also writes an ``estimated_cycles``
-figure into the backend config of every op it schedules (a fusion, a copy, a Pallas kernel's custom call);
-this reads them from the compiled HLO text (``compiled.as_text()``), counts a while loop's body once per
+figure into the backend config of most ops it schedules (fusions, copies; not Pallas kernels' custom calls
+nor async collectives, whose count the report gives instead); this reads them from the compiled HLO text (``compiled.as_text()``), counts a while loop's body once per
 iteration (the trip count read from its condition, ``counter < N``) and sums the ops that come from one
-source op (the JAX ``op_name`` in their metadata), so a layer's matmul inside a 36-layer scan is one row.
+source op (the JAX ``op_name`` in their metadata) and result shape, so a layer's matmul inside a 36-layer
+scan is one row.
 The figures are shares of the compiler's estimate, not measurements: its per-op cycles include each op's
 fixed overhead and ignore overlap, so they do not add up to XLA's step time.
 """
@@ -40,14 +41,17 @@ class Instruction:
     called: dict[str, tuple[str, ...]]  # attribute -> computation names
     cycles: int | None  # the compiler's estimate (None: it gives none for this op)
     source: str  # the JAX op the instruction came from ("" where its metadata names none)
+    shape: str  # of its result, per device, without layouts
     text: str
 
 
 @dataclasses.dataclass
 class OpCost:
-    """One source op's share: its instructions' estimated cycles, each times how often it runs."""
+    """One source op's share at one result shape: its instructions' estimated cycles, each times how often
+    it runs (a layer's q and o projections are both ``dot_general``; their shapes tell them apart)."""
     source: str
     kind: str
+    shape: str
     cycles: float = 0.0
     instructions: int = 0  # in the program's text
     runs: float = 0.0  # of those instructions per run of the program
@@ -63,24 +67,25 @@ def _closing(text: str, opening: int) -> int:
     return len(text)
 
 
-def _split_instruction(text: str) -> tuple[str, str, str]:
-    """(opcode, operand text, attribute text) of ``%name = shape opcode(operands), attributes``."""
+def _split_instruction(text: str) -> tuple[str, str, str, str]:
+    """(shape, opcode, operand text, attribute text) of ``%name = shape opcode(operands), attributes``."""
     rest = text.split(" = ", 1)[1]
-    rest = rest[_closing(rest, 0) + 1:] if rest.startswith("(") else rest.split(" ", 1)[1]  # a tuple shape
-    rest = rest.strip()
+    end = _closing(rest, 0) + 1 if rest.startswith("(") else rest.index(" ")  # a tuple shape, or one array's
+    shape, rest = rest[:end], rest[end:].strip()
     opening = rest.index("(")
     closing = _closing(rest, opening)
-    return rest[:opening], rest[opening + 1:closing], rest[closing + 1:]
+    return shape, rest[:opening], rest[opening + 1:closing], rest[closing + 1:]
 
 
 def _instruction(name: str, text: str) -> Instruction:
-    opcode, operands, attributes = _split_instruction(text)
+    shape, opcode, operands, attributes = _split_instruction(text)
     called = {key: tuple(part.strip().lstrip("%") for part in value.split(","))
               for key, value in _CALLS.findall(attributes)}
     cycles = _CYCLES.search(attributes)
     source = _SOURCE.search(attributes)
+    shape = re.sub(r"\{[^}]*\}|/\*index=\d+\*/", "", shape)  # layouts and tuple-index comments
     return Instruction(name, opcode, tuple(re.findall(r"%([\w.\-]+)", operands)), called,
-                       int(cycles[1]) if cycles else None, source[1] if source else "", text)
+                       int(cycles[1]) if cycles else None, source[1] if source else "", shape, text)
 
 
 def parse(hlo_text: str) -> tuple[str, dict[str, list[Instruction]]]:
@@ -165,7 +170,7 @@ class Breakdown:
 def op_costs(hlo_text: str) -> Breakdown:
     """Every source op's estimated cycles in a run of the program."""
     entry, computations = parse(hlo_text)
-    rows: dict[tuple[str, str], OpCost] = {}
+    rows: dict[tuple[str, str, str], OpCost] = {}
     unknown: list[str] = []
     unestimated: dict[str, float] = collections.defaultdict(float)
 
@@ -187,7 +192,8 @@ def op_costs(hlo_text: str) -> Breakdown:
                 if kind in ("Pallas kernel", "collective"):
                     unestimated[kind] += runs
                 continue
-            row = rows.setdefault((instruction.source, kind), OpCost(instruction.source, kind))
+            key = (instruction.source, kind, instruction.shape)
+            row = rows.setdefault(key, OpCost(*key))
             row.cycles += instruction.cycles * runs
             row.instructions += 1
             row.runs += runs
@@ -216,8 +222,9 @@ def report(hlo_text: str, top: int) -> list[str]:
         by_kind[row.kind] += row.cycles
     lines = ["by kind of op (share of the compiler's per-op estimate, every loop iteration counted):"]
     lines += [f"  {cycles / total:6.1%}  {kind}" for kind, cycles in sorted(by_kind.items(), key=lambda kv: -kv[1])]
-    lines.append(f"largest {min(top, len(rows))} source ops of {len(rows)} (x: instructions run per step):")
-    lines += [f"  {row.cycles / total:6.1%}  {row.kind:<18} x{row.runs:<6g} {short_source(row.source)}"
+    lines.append(f"largest {min(top, len(rows))} of {len(rows)} source ops by result shape (x: instructions run per "
+                 "step; shapes per device):")
+    lines += [f"  {row.cycles / total:6.1%}  {row.kind:<18} x{row.runs:<6g} {short_source(row.source)} {row.shape}"
               for row in rows[:top]]
     for kind, runs in sorted(breakdown.unestimated.items()):
         lines.append(f"not in the shares: {runs:g} {kind} call(s) per step, which the compiler gives no estimate for")
