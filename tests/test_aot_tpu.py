@@ -262,6 +262,7 @@ def test_flag_mistakes_are_one_line(capsys):
     assert "configs/sft.py" in one_line_error(["--config", "configs/align_audio.py:tiny", "--infer"], capsys)
     assert "--target tpu:" in one_line_error(["--config", "configs/sft.py:tiny", "--target", "cpu:4", "--search"],
                                              capsys)
+    assert "--ops -1" in one_line_error([*base, "--ops", "-1"], capsys)
 
 
 # ------------------------------------------------------------------ --infer and --search

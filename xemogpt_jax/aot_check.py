@@ -401,7 +401,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "minutes), or take the counts as compiled (once)")
     parser.add_argument("--ops", type=int, default=0, metavar="N",
                         help="also print the N source ops the TPU compiler estimates take longest, and the split "
-                             "by kind of op (matmul, elementwise, copy, collective)")
+                             "by kind of op (matmul, elementwise/reduce, data movement, collective)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set model.attention=splash (repeatable)")
     parser.add_argument("--infer", action="store_true",
@@ -690,6 +690,8 @@ def unrolled_copy(config: Any) -> Any | None:
 def run(args: argparse.Namespace) -> int:
     if args.infer and args.search:
         raise UsageError("--infer and --search: give one (the search lays out the train step)")
+    if args.ops < 0:
+        raise UsageError(f"--ops {args.ops}: expected how many ops to list (0 lists none)")
     s = setup(args)
     if args.infer:
         return run_infer(args, s)

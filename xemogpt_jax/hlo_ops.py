@@ -2,12 +2,12 @@
 
 XLA's ``cost_analysis`` gives a program's totals only. The TPU compiler also writes an ``estimated_cycles``
 figure into the backend config of most ops it schedules (fusions, copies; not Pallas kernels' custom calls
-nor async collectives, whose count the report gives instead); this reads them from the compiled HLO text (``compiled.as_text()``), counts a while loop's body once per
-iteration (the trip count read from its condition, ``counter < N``) and sums the ops that come from one
-source op (the JAX ``op_name`` in their metadata) and result shape, so a layer's matmul inside a 36-layer
-scan is one row.
-The figures are shares of the compiler's estimate, not measurements: its per-op cycles include each op's
-fixed overhead and ignore overlap, so they do not add up to XLA's step time.
+nor async collectives, whose count the report gives instead). This reads them from the compiled HLO text
+(``compiled.as_text()``), counts a while loop's body once per iteration (the trip count read from its
+condition, ``counter < N``) and sums the ops that come from one source op (the JAX ``op_name`` in their
+metadata) at one result shape, so a layer's matmul inside a 36-layer scan is one row. The figures are
+shares of the compiler's estimate, not measurements: its per-op cycles include each op's fixed overhead and
+ignore overlap, so they do not add up to XLA's step time.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import dataclasses
 import re
 
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) ")
-_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = ")
+_INSTRUCTION = re.compile(r"^\s+(ROOT )?%(\S+) = ")
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _SOURCE = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r"\b(body|condition|to_apply|calls|branch_computations)=\{?(%[^,}\s]+(?:, %[^,}\s]+)*)\}?")
@@ -42,6 +42,7 @@ class Instruction:
     cycles: int | None  # the compiler's estimate (None: it gives none for this op)
     source: str  # the JAX op the instruction came from ("" where its metadata names none)
     shape: str  # of its result, per device, without layouts
+    root: bool  # its computation's result
     text: str
 
 
@@ -77,7 +78,7 @@ def _split_instruction(text: str) -> tuple[str, str, str, str]:
     return shape, rest[:opening], rest[opening + 1:closing], rest[closing + 1:]
 
 
-def _instruction(name: str, text: str) -> Instruction:
+def _instruction(name: str, root: bool, text: str) -> Instruction:
     shape, opcode, operands, attributes = _split_instruction(text)
     called = {key: tuple(part.strip().lstrip("%") for part in value.split(","))
               for key, value in _CALLS.findall(attributes)}
@@ -85,7 +86,7 @@ def _instruction(name: str, text: str) -> Instruction:
     source = _SOURCE.search(attributes)
     shape = re.sub(r"\{[^}]*\}|/\*index=\d+\*/", "", shape)  # layouts and tuple-index comments
     return Instruction(name, opcode, tuple(re.findall(r"%([\w.\-]+)", operands)), called,
-                       int(cycles[1]) if cycles else None, source[1] if source else "", shape, text)
+                       int(cycles[1]) if cycles else None, source[1] if source else "", shape, root, text)
 
 
 def parse(hlo_text: str) -> tuple[str, dict[str, list[Instruction]]]:
@@ -95,8 +96,8 @@ def parse(hlo_text: str) -> tuple[str, dict[str, list[Instruction]]]:
 
     def flush() -> None:
         if current is not None and lines:
-            name = _INSTRUCTION.match(lines[0])[1]
-            computations[current].append(_instruction(name, "\n".join(lines)))
+            start = _INSTRUCTION.match(lines[0])
+            computations[current].append(_instruction(start[2], bool(start[1]), "\n".join(lines)))
 
     for line in hlo_text.splitlines():
         if _INSTRUCTION.match(line):
@@ -120,7 +121,7 @@ def trip_count(loop: Instruction, computations: dict[str, list[Instruction]],
     constant ``start`` in the loop's initial tuple (0 where it is not a constant); None where the condition
     is not of that form."""
     condition = {i.name: i for i in computations[loop.called["condition"][0]]}
-    root = list(condition.values())[-1]
+    root = next(i for i in condition.values() if i.root)
     if root.opcode != "compare" or "direction=LT" not in root.text or len(root.operands) != 2:
         return None
     counter, bound = (condition.get(name) for name in root.operands)
