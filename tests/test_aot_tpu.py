@@ -263,6 +263,7 @@ def test_flag_mistakes_are_one_line(capsys):
     assert "--target tpu:" in one_line_error(["--config", "configs/sft.py:tiny", "--target", "cpu:4", "--search"],
                                              capsys)
     assert "--ops -1" in one_line_error([*base, "--ops", "-1"], capsys)
+    assert "--ops and --search" in one_line_error([*base, "--ops", "5", "--search"], capsys)
 
 
 # ------------------------------------------------------------------ --infer and --search

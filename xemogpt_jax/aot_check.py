@@ -692,6 +692,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--infer and --search: give one (the search lays out the train step)")
     if args.ops < 0:
         raise UsageError(f"--ops {args.ops}: expected how many ops to list (0 lists none)")
+    if args.ops and args.search:
+        raise UsageError("--ops and --search: give one (break down the winning layout with --mesh, --batch-size "
+                         "and --ops)")
     s = setup(args)
     if args.infer:
         return run_infer(args, s)
