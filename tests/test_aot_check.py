@@ -4,7 +4,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from xemogpt_jax import aot_check
@@ -67,10 +71,47 @@ def test_flops_xla_cannot_see_set_the_roofline_floor_and_the_printed_mfu_without
     cost = aot_check.Cost(flops=1e12, bytes_accessed=1e6, seconds=0.02, loops=0)
     assert cost.unseen_flops(3e12) == 2e12 and cost.unseen_flops(0.5e12) == 0
     assert cost.roofline_seconds(target.chip, traced_flops=3e12) == pytest.approx(3e12 / peak)
-    aot_check.print_estimate(cost, flops=4 * 3e12, target=target, n=4)
+    aot_check.print_estimate(cost, aot_check.StepFlops(executed=4 * 3e12, model=4 * 3e12), target=target, n=4)
     out = capsys.readouterr().out
     assert f"MFU (compiler estimate): {100 * 3e12 / 0.02 / peak:.1f}%" in out
     note = re.search(r"note: XLA counts ([\d.]+) TFLOP per chip fewer .* add ([\d.]+) ms: MFU ([\d.]+)%", out)
     assert note, out
     assert float(note[1]) == 2 and float(note[2]) == pytest.approx(1e3 * 2e12 / peak, abs=0.05)
     assert float(note[3]) == pytest.approx(100 * 3e12 / (0.02 + 2e12 / peak) / peak, abs=0.05)
+
+
+def test_mfu_counts_the_model_flops_and_remat_recomputation_only_in_the_hardware_figure(capsys):
+    """A remat step runs 4 of 3 TFLOP per chip: MFU counts the 3, the hardware utilisation the 4, and the
+    Pallas FLOPs XLA cannot see are what it runs beyond its 1."""
+    target = aot_check.parse_target("tpu:v5e:2x2")
+    peak = target.chip.peak_bf16_flops
+    cost = aot_check.Cost(flops=1e12, bytes_accessed=1e6, seconds=0.02, loops=0)
+    aot_check.print_estimate(cost, aot_check.StepFlops(executed=4 * 4e12, model=4 * 3e12), target=target, n=4)
+    out = capsys.readouterr().out
+    assert "step FLOPs (matmuls and convolutions, every layer counted): 12 TFLOP, 3 TFLOP per chip; " \
+           "1 TFLOP per chip more recomputed by remat" in out
+    assert f"MFU (compiler estimate): {100 * 3e12 / 0.02 / peak:.1f}%" in out
+    assert f"(hardware FLOP utilisation): {100 * 4e12 / 0.02 / peak:.1f}%" in out
+    assert "XLA counts 3 TFLOP per chip fewer" in out
+
+
+def test_step_flops_leave_out_what_remat_recomputes_by_hand():
+    """grad of sum(tanh(x @ w) @ w) runs 5 matmuls of [32,64] x [64,64]: the forward's 2, then the backward's
+    activation gradient and two weight gradients. Rematerialised, the backward reruns x @ w (tanh's input;
+    the second product is not needed again): 6. MFU's FLOPs are the 5."""
+    unit = 2 * 32 * 64 * 64
+    w, x = jnp.ones((64, 64)), jnp.ones((32, 64))
+
+    def build(config: ml_collections.ConfigDict) -> SimpleNamespace:
+        def loss(w: jax.Array, x: jax.Array) -> jax.Array:
+            return jnp.sum(jnp.tanh(x @ w) @ w)
+
+        if config.model.remat != "none":
+            loss = jax.checkpoint(loss)
+        return SimpleNamespace(jitted=jax.jit(jax.grad(loss)), args=(w, x))
+
+    mesh = jax.make_mesh((1,), ("data",))
+    config = ml_collections.ConfigDict({"model": {"remat": "full", "remat_towers": "none"}})
+    assert aot_check.step_flops(build(config), build, config, mesh) == aot_check.StepFlops(6 * unit, 5 * unit)
+    config.model.remat = "none"
+    assert aot_check.step_flops(build(config), build, config, mesh) == aot_check.StepFlops(5 * unit, 5 * unit)

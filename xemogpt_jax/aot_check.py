@@ -9,7 +9,8 @@ compiler in libtpu, run on this host: no TPU needed). It prints, per device (per
 
 - memory: arguments, outputs, temporaries and their peak, against the chip's HBM (:data:`CHIPS`);
 - cost: XLA's FLOPs and bytes, its estimated step time (``optimal_seconds``, TPU only) and the MFU that time
-  implies for our traced FLOPs (:func:`xemogpt_jax.metrics.traced_flops`) at the chip's bf16 peak.
+  implies for our traced FLOPs (:func:`xemogpt_jax.metrics.traced_flops`) at the chip's bf16 peak; MFU counts
+  the step traced without remat (:func:`step_flops`), the FLOPs remat recomputes only in the hardware figure.
 
 ``--infer`` compiles inference instead (:mod:`xemogpt_jax.aot_infer`: the prefill and a decode step), and
 ``--search`` ranks layouts (:mod:`xemogpt_jax.aot_search`: meshes, remat, batch) by estimated tokens/s per chip.
@@ -303,6 +304,16 @@ def at_depths(config: Any, depths: dict[LayerStack, int]) -> Any:
     return variant
 
 
+def traced(program: Any, mesh: Any) -> float:
+    """The matmul FLOPs of a built program (``.jitted``, ``.args``), traced on ``mesh``, every layer counted."""
+    import jax
+
+    from xemogpt_jax import metrics
+
+    with jax.set_mesh(mesh):
+        return metrics.traced_flops(program.jitted, *program.args)
+
+
 def depth_extrapolated_cost(config: Any, build: Callable[[Any], Any], mesh: Any, target: Target) -> Cost:
     """The cost of ``config``'s program, every layer counted, from shallow unrolled copies (module docstring).
 
@@ -310,14 +321,6 @@ def depth_extrapolated_cost(config: Any, build: Callable[[Any], Any], mesh: Any,
     deep the program costs ``base``; one stack 2 deep adds that stack's per-layer cost, counted
     ``layers - 1`` more times. XLA's estimated time is extrapolated the same way.
     """
-    import jax
-
-    from xemogpt_jax import metrics
-
-    def traced(program: Any) -> float:
-        with jax.set_mesh(mesh):
-            return metrics.traced_flops(program.jitted, *program.args)
-
     def compiled_cost(program: Any, what: str) -> Cost:
         start = time.perf_counter()
         cost = cost_of(compile_variant(program, None, True, mesh, target))
@@ -326,11 +329,11 @@ def depth_extrapolated_cost(config: Any, build: Callable[[Any], Any], mesh: Any,
 
     shallow = {stack: 1 for stack in layer_stacks(config)}
     program = build(at_depths(config, shallow))
-    base, base_flops = compiled_cost(program, "every stack 1 layer deep"), traced(program)
+    base, base_flops = compiled_cost(program, "every stack 1 layer deep"), traced(program, mesh)
     flops, accessed, seconds, loops = base.flops, base.bytes_accessed, base.seconds, base.loops
     for stack in shallow:
         program = build(at_depths(config, {**shallow, stack: 2}))
-        if traced(program) == base_flops:
+        if traced(program, mesh) == base_flops:
             continue
         deeper = compiled_cost(program, f"{'.'.join((stack.part, *stack.path))} 2 layers deep")
         extra = stack.layers - 1
@@ -543,6 +546,29 @@ def costed(compiled: Any, program: Any, build: Callable[[Any], Any], config: Any
     return cost
 
 
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+    """A step's matmul and convolution FLOPs, every layer counted, two ways."""
+
+    executed: float  # what the chips run, a rematerialised forward counted again (as XLA's count sees it)
+    model: float  # what the model needs, each forward once: MFU's FLOPs, by the field's convention
+
+
+def step_flops(program: Any, build: Callable[[Any], Any], config: Any, mesh: Any) -> StepFlops:
+    """The traced FLOPs of ``program`` (``build(config)``) and of the same program without remat (nothing is
+    compiled). Remat trades FLOPs for memory; counting its recomputation would flatter the MFU."""
+    from xemogpt_jax.models.layers import remat_name
+
+    executed = traced(program, mesh)
+    remats = [field for field in ("remat", "remat_towers") if remat_name(config.model.get(field)) != "none"]
+    if not remats:
+        return StepFlops(executed, executed)
+    bare = config.copy_and_resolve_references()
+    for field in remats:
+        bare.model[field] = "none"
+    return StepFlops(executed, traced(build(bare), mesh))
+
+
 def step_seconds(cost: Cost, chip: Chip, traced_flops: float) -> tuple[float, str, bool]:
     """XLA's estimated run time, or where its TPU cost model answers -1 (a program compiled as configured, see
     :data:`COST_COMPILE_OPTIONS`) the roofline of the counts; returns (seconds, how, whether it is only the
@@ -554,11 +580,13 @@ def step_seconds(cost: Cost, chip: Chip, traced_flops: float) -> tuple[float, st
         f"TFLOP/s, {chip.hbm_bytes_per_second / 1e9:g} GB/s"), True
 
 
-def print_estimate(cost: Cost, flops: float, target: Target, n: int, tokens: int | None = None) -> float | None:
+def print_estimate(cost: Cost, flops: StepFlops, target: Target, n: int, tokens: int | None = None) -> float | None:
     """Print the FLOPs, the step time and MFU (TPU only); returns the estimated seconds (None: no estimate)."""
     unit = target.unit
-    print(f"step FLOPs (matmuls and convolutions, every layer counted): {flops / 1e12:.4g} TFLOP, "
-          f"{flops / n / 1e12:.4g} TFLOP per {unit}")
+    recomputed = flops.executed - flops.model
+    print(f"step FLOPs (matmuls and convolutions, every layer counted): {flops.model / 1e12:.4g} TFLOP, "
+          f"{flops.model / n / 1e12:.4g} TFLOP per {unit}"
+          + (f"; {recomputed / n / 1e12:.4g} TFLOP per {unit} more recomputed by remat" if recomputed else ""))
     print(f"per-{unit} cost (compiler estimate): {cost.flops / 1e12:.4g} TFLOP (all ops), "
           f"{cost.bytes_accessed / GIB:.4g} GiB accessed")
     if target.chip is None:
@@ -566,24 +594,28 @@ def print_estimate(cost: Cost, flops: float, target: Target, n: int, tokens: int
         return None
     from xemogpt_jax import metrics
 
-    seconds, how, bound = step_seconds(cost, target.chip, flops / n)
+    peak = target.chip.peak_bf16_flops
+    seconds, how, bound = step_seconds(cost, target.chip, flops.executed / n)
     if cost.loops:  # the time counts each loop body once: too low, and an MFU from it would be too high
         print(f"step time (compiler estimate, each loop body counted once: too low): {seconds * 1e3:.3f} ms ({how})")
         print("MFU: not estimated (the step time above counts each loop body once; --cost unrolled or depth "
               "counts them all)")
         return seconds
-    mfu = metrics.mfu(flops, seconds, target.chip.peak_bf16_flops, n)
+    mfu = metrics.mfu(flops.model, seconds, peak, n)
     if bound:  # the roofline ignores communication and every stall: a floor on the time, a ceiling on the MFU
         print(f"step time (lower bound, not an estimate): {seconds * 1e3:.3f} ms ({how})")
         print(f"MFU: not estimated, at most {100 * mfu:.1f}% (from the roofline)")
         return None
     print(f"step time (compiler estimate): {seconds * 1e3:.3f} ms ({how})")
-    print(f"MFU (compiler estimate): {100 * mfu:.1f}% = {flops / n / 1e12:.4f} TFLOP per chip / "
-          f"{seconds * 1e3:.3f} ms / {target.chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16 peak")
-    unseen = cost.unseen_flops(flops / n)
+    print(f"MFU (compiler estimate): {100 * mfu:.1f}% = {flops.model / n / 1e12:.4f} TFLOP per chip / "
+          f"{seconds * 1e3:.3f} ms / {peak / 1e12:g} TFLOP/s bf16 peak")
+    if recomputed:
+        print(f"with remat's recomputation counted too (hardware FLOP utilisation): "
+              f"{100 * metrics.mfu(flops.executed, seconds, peak, n):.1f}%")
+    unseen = cost.unseen_flops(flops.executed / n)
     if unseen:  # their time may be missing from XLA's estimate too
-        extra = unseen / target.chip.peak_bf16_flops
-        slower = metrics.mfu(flops, seconds + extra, target.chip.peak_bf16_flops, n)
+        extra = unseen / peak
+        slower = metrics.mfu(flops.model, seconds + extra, peak, n)
         print(f"note: XLA counts {unseen / 1e12:.4g} TFLOP per chip fewer than the step's matmuls (a Pallas "
               f"kernel's, for one, it cannot see); if its time leaves them out too, at peak they add "
               f"{extra * 1e3:.1f} ms: MFU {100 * slower:.1f}%")
@@ -720,9 +752,7 @@ def compile_and_report(program: Any, build: Callable[[Any], Any], tokens: int | 
                        args: argparse.Namespace) -> Memory | None:
     """Compile ``program`` (what ``build(s.config)`` gives) as configured, print its memory, cost, step time and
     MFU; returns its memory."""
-    import jax
 
-    from xemogpt_jax import metrics
 
     start = time.perf_counter()
     compiled = compile_variant(program, None, False, s.mesh, s.target)
@@ -730,9 +760,7 @@ def compile_and_report(program: Any, build: Callable[[Any], Any], tokens: int | 
     memory = memory_of(compiled)
     print_memory(memory, s.target)
     cost = costed(compiled, program, build, s.config, args.cost, s)
-    with jax.set_mesh(s.mesh):
-        flops = metrics.traced_flops(program.jitted, *program.args)
-    print_estimate(cost, flops, s.target, len(s.devices), tokens)
+    print_estimate(cost, step_flops(program, build, s.config, s.mesh), s.target, len(s.devices), tokens)
     if args.ops:
         from xemogpt_jax import hlo_ops
 

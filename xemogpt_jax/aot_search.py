@@ -149,11 +149,10 @@ def search(args: Any, s: Any) -> list[Result]:
 
         cost, _ = aot_check.loop_free_cost(compiled, step, build, layout.configure(s.config), args.cost, mesh,
                                            s.target)
-        with jax.set_mesh(mesh):
-            flops = metrics.traced_flops(step.jitted, *step.args)
-        result.seconds, _, bound = aot_check.step_seconds(cost, s.target.chip, flops / len(s.devices))
+        flops = aot_check.step_flops(step, build, layout.configure(s.config), mesh)
+        result.seconds, _, bound = aot_check.step_seconds(cost, s.target.chip, flops.executed / len(s.devices))
         if not cost.loops and not bound:  # a time that counts loop bodies once, or a roofline, overstates MFU
-            result.mfu = metrics.mfu(flops, result.seconds, s.target.chip.peak_bf16_flops, len(s.devices))
+            result.mfu = metrics.mfu(flops.model, result.seconds, s.target.chip.peak_bf16_flops, len(s.devices))
         tokens = step.batch.get("token_ids")
         result.items = layout.global_batch * (tokens.shape[1] if tokens is not None else 1)
     return results
