@@ -12,6 +12,7 @@ import ml_collections
 import pytest
 
 from xemogpt_jax import aot_check
+from xemogpt_jax.models.layers import remat_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,8 +107,9 @@ def test_step_flops_leave_out_what_remat_recomputes_by_hand():
         def loss(w: jax.Array, x: jax.Array) -> jax.Array:
             return jnp.sum(jnp.tanh(x @ w) @ w)
 
-        if config.model.remat != "none":
-            loss = jax.checkpoint(loss)
+        enabled, policy = remat_policy(config.model.remat)
+        if enabled:
+            loss = jax.checkpoint(loss, policy=policy)
         return SimpleNamespace(jitted=jax.jit(jax.grad(loss)), args=(w, x))
 
     mesh = jax.make_mesh((1,), ("data",))

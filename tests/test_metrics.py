@@ -55,4 +55,4 @@ def test_a_cond_counts_its_costliest_branch():
 def test_an_unknown_flop_source_is_refused_by_name():
     config = ml_collections.ConfigDict({"perf": {"flops_from": "compiled"}})
     with pytest.raises(ValueError, match="perf.flops_from must be 'traced' or 'params', got 'compiled'"):
-        trainer.step_flops(None, {}, config, tokens=1)
+        trainer.step_flops(None, None, {}, config, tokens=1)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from configs import align_audio, align_video, sft
 from data_pipelines import synth
-from xemogpt_jax import losses, optim, sharding, stages, trainer
+from xemogpt_jax import losses, metrics, optim, sharding, stages, trainer
 from xemogpt_jax.models import bridges
 from xemogpt_jax.models.clip import CLIPEncoderConfig
 
@@ -177,3 +177,21 @@ def test_frame_temporal_discrimination_is_learnable():
     original, shuffled = logits(vecb, clips(jax.random.key(99), 256), jax.random.key(100))
     accuracy = (float(jnp.mean(original > 0)) + float(jnp.mean(shuffled < 0))) / 2
     assert first > 0.6 and accuracy > 0.9, (first, loss, accuracy)
+
+
+def test_mfu_flops_are_the_step_without_remat_recomputation_counted_once(world, devices):
+    """The trainer's FLOPs for MFU equal the traced step of the same model built without remat (a second code
+    path), and are fewer than the remat step runs."""
+    mesh = sharding.make_mesh((1, 1, 1), devices=devices[:1])
+    overrides = {"data.max_audio_seconds": 1.0, "data.length_buckets": (256, 384, 512)}
+    flops = {}
+    for remat in ("full", "none"):
+        config = _config(sft, world, **overrides, **{"model.remat": remat, "model.remat_towers": remat})
+        task = stages.task_for(config)
+        local = next(task.train_data(0, 1))
+        engine = trainer.build_engine(task, optim.make_optimizer(config.optim, config.train.steps), mesh, config.seed)
+        with jax.set_mesh(mesh):
+            batch = trainer.global_batch(local, mesh, task.pad_values)
+            flops[remat] = (trainer.step_flops(engine, task.loss, batch, config, tokens=1),
+                            metrics.traced_flops(engine.step_fn, engine.trained, engine.frozen, batch))
+    assert flops["full"][0] == flops["none"][0] == flops["none"][1] < flops["full"][1]

@@ -555,18 +555,13 @@ class StepFlops:
 
 
 def step_flops(program: Any, build: Callable[[Any], Any], config: Any, mesh: Any) -> StepFlops:
-    """The traced FLOPs of ``program`` (``build(config)``) and of the same program without remat (nothing is
+    """The traced FLOPs of ``program`` (``build(config)``) and of a fresh build traced without remat (nothing is
     compiled). Remat trades FLOPs for memory; counting its recomputation would flatter the MFU."""
-    from xemogpt_jax.models.layers import remat_name
+    from xemogpt_jax.models.layers import remat_off
 
-    executed = traced(program, mesh)
-    remats = [field for field in ("remat", "remat_towers") if remat_name(config.model.get(field)) != "none"]
-    if not remats:
-        return StepFlops(executed, executed)
-    bare = config.copy_and_resolve_references()
-    for field in remats:
-        bare.model[field] = "none"
-    return StepFlops(executed, traced(build(bare), mesh))
+    with remat_off():
+        model = traced(build(config), mesh)
+    return StepFlops(traced(program, mesh), model)
 
 
 def step_seconds(cost: Cost, chip: Chip, traced_flops: float) -> tuple[float, str, bool]:

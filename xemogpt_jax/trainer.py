@@ -31,6 +31,7 @@ from data_pipelines import pipelines
 from xemogpt_jax import checkpoint as checkpoint_lib
 from xemogpt_jax import loading, optim, sharding
 from xemogpt_jax import metrics as metrics_lib
+from xemogpt_jax.models.layers import remat_off
 
 Batch = dict[str, Any]
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -240,10 +241,14 @@ def evaluate(engine: Engine, batches: Iterator[Batch], num_batches: int, pad_val
     return float(np.mean(losses)) if losses else math.nan
 
 
-def step_flops(engine: Engine, batch: Batch, config: ml_collections.ConfigDict, tokens: int) -> float:
-    """FLOPs of one train step, from the traced step or the parameter-count rule (``perf.flops_from``)."""
+def step_flops(engine: Engine, loss: LossFn, batch: Batch, config: ml_collections.ConfigDict, tokens: int) -> float:
+    """The model's FLOPs of one train step, from the traced step or the parameter-count rule
+    (``perf.flops_from``). The step is traced without remat: MFU counts no recomputation."""
     if config.perf.flops_from == "traced":
-        return metrics_lib.traced_flops(engine.step_fn, engine.trained, engine.frozen, batch)
+        with remat_off():
+            step = make_train_step(engine.graphdef, loss, engine.trainable, engine.frozen, engine.trained,
+                                   engine.mesh, lambda step: 0.0)
+            return metrics_lib.traced_flops(step, engine.trained, engine.frozen, batch)
     if config.perf.flops_from != "params":
         raise ValueError(f"perf.flops_from must be 'traced' or 'params', got {config.perf.flops_from!r}")
     def count(tree: Any) -> int:
@@ -294,7 +299,7 @@ def run(
     with jax.set_mesh(mesh):
         batch = global_batch(local, mesh, task.pad_values)
         tokens = task.tokens(local) * jax.process_count()
-        flops = step_flops(engine, batch, config, tokens)
+        flops = step_flops(engine, task.loss, batch, config, tokens)
     writer = metrics_lib.MetricsWriter(
         log_directory(workdir),
         total_steps=config.train.steps,

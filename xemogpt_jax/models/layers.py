@@ -8,7 +8,9 @@ with fp32 master weights when ``dtype=jnp.bfloat16``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -154,10 +156,25 @@ def remat_name(value: str | bool | None) -> str:
     return value
 
 
+_REMAT_OFF = contextvars.ContextVar("remat_off", default=False)
+
+
+@contextlib.contextmanager
+def remat_off() -> Iterator[None]:
+    """Trace every layer without remat, whatever its setting: the FLOPs the model needs, each forward once, which
+    MFU counts (remat's recomputation is hardware work, not model work). Trace a freshly made ``jit`` under it:
+    a jitted function keeps the traces it made."""
+    token = _REMAT_OFF.set(True)
+    try:
+        yield
+    finally:
+        _REMAT_OFF.reset(token)
+
+
 def remat_policy(value: str | bool | None) -> tuple[bool, Callable | None]:
-    """``(rematerialise?, jax.checkpoint policy)`` for a remat setting."""
+    """``(rematerialise?, jax.checkpoint policy)`` for a remat setting (never, under :func:`remat_off`)."""
     name = remat_name(value)
-    return name != "none", _REMAT_POLICIES[name]
+    return name != "none" and not _REMAT_OFF.get(), _REMAT_POLICIES[name]
 
 
 def call_layer(layer: nnx.Module, remat: str | bool | None, *args: jax.Array) -> jax.Array:
