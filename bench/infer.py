@@ -74,7 +74,7 @@ def bench_decode(new_tokens: int, batches: list[int], repeats: int, prompt_lengt
             def ours_run(n: int) -> None:
                 config = GenerationConfig(max_new_tokens=n, pad_token_id=0, num_beams=beams)
                 generate(ours, inputs_embeds=jnp.asarray(embeds), attention_mask=jnp.asarray(mask),
-                         config=config).block_until_ready()
+                         config=config).tokens.block_until_ready()
 
             def hf_run(n: int) -> None:
                 with torch.no_grad():

@@ -95,7 +95,7 @@ def bench_decode(hf_model, model, ids: np.ndarray, new: int, repeats: int, devic
     tokens = ids.shape[0] * new
     config = GenerationConfig(max_new_tokens=new, eos_token_id=(), pad_token_id=0)
     ids_jax = jnp.asarray(ids)
-    ours_out = np.asarray(generate(model, ids_jax, config=config))
+    ours_out = np.asarray(generate(model, ids_jax, config=config).tokens)
     ids_torch = torch.tensor(ids, dtype=torch.long, device=device.torch)
 
     def hf_generate():
@@ -109,7 +109,7 @@ def bench_decode(hf_model, model, ids: np.ndarray, new: int, repeats: int, devic
 
     theirs_out = hf_generate()[:, ids.shape[1]:].cpu().numpy()
     ours, theirs = median_seconds(
-        [lambda: jax.block_until_ready(generate(model, ids_jax, config=config)), hf_generate], repeats
+        [lambda: jax.block_until_ready(generate(model, ids_jax, config=config).tokens), hf_generate], repeats
     )
     return tokens / ours, tokens / theirs, bool(np.array_equal(ours_out, theirs_out))
 

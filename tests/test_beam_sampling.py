@@ -53,7 +53,8 @@ def test_cold_beam_sampling_is_transformers_beam_search(tiny):
     expected = np.pad(out[:, ids.shape[1]:].numpy(), ((0, 0), (0, 8 - (out.shape[1] - ids.shape[1]))))
     config = GenerationConfig(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD, num_beams=3, do_sample=True,
                               temperature=1e-4)
-    ours = generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=config, rng=jax.random.key(5))
+    ours = generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=config,
+                    rng=jax.random.key(5)).tokens
     np.testing.assert_array_equal(np.asarray(ours), expected)
 
 
@@ -63,7 +64,7 @@ def test_hot_beam_sampling_is_seeded_and_random(tiny):
     config = GenerationConfig(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD, num_beams=3, do_sample=True,
                               temperature=3.0, top_p=0.95)
     runs = [np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=config,
-                                rng=jax.random.key(k))) for k in (1, 1, 2)]
+                                rng=jax.random.key(k)).tokens) for k in (1, 1, 2)]
     np.testing.assert_array_equal(runs[0], runs[1])
     assert not np.array_equal(runs[0], runs[2])
 
@@ -91,5 +92,5 @@ def test_repetition_penalty_matches_transformers_from_embeddings(tiny, beams):
     assert not np.array_equal(expected, hf(1.0))
     config = GenerationConfig(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, num_beams=beams,
                               repetition_penalty=3.0)
-    ours = generate(model, inputs_embeds=jnp.asarray(embeds), attention_mask=jnp.asarray(mask), config=config)
+    ours = generate(model, inputs_embeds=jnp.asarray(embeds), attention_mask=jnp.asarray(mask), config=config).tokens
     np.testing.assert_array_equal(np.asarray(ours), expected)

@@ -11,7 +11,7 @@ from qwen_fixtures import EOS, padded_batch, save_tiny_hf
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from xemogpt_jax import loading
-from xemogpt_jax.generate import GenerationConfig, generate, generate_scored, top_p_filter
+from xemogpt_jax.generate import GenerationConfig, generate, top_p_filter
 from xemogpt_jax.models import qwen3_params
 
 PAD = 0
@@ -51,15 +51,15 @@ def test_greedy_matches_transformers_and_all_prompt_forms_agree(tiny):
     ids, mask = padded_batch([9, 4, 6], 9, left=True, seed=5)
     eos, expected = _emitted_eos(hf_model, ids, mask, 32)
     config = GenerationConfig(max_new_tokens=32, eos_token_id=eos, pad_token_id=PAD)
-    ours = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=config))
+    ours = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=config).tokens)
     np.testing.assert_array_equal(ours, expected)
 
     from_embeds = generate(
         model, inputs_embeds=model.embed(jnp.asarray(ids)), attention_mask=jnp.asarray(mask), config=config
-    )
+    ).tokens
     np.testing.assert_array_equal(np.asarray(from_embeds), ours)
     right_ids, right_mask = padded_batch([9, 4, 6], 9, left=False, seed=5)
-    from_right = generate(model, jnp.asarray(right_ids), attention_mask=jnp.asarray(right_mask), config=config)
+    from_right = generate(model, jnp.asarray(right_ids), attention_mask=jnp.asarray(right_mask), config=config).tokens
     np.testing.assert_array_equal(np.asarray(from_right), ours)
 
 
@@ -68,10 +68,10 @@ def test_beam_search_best_sequences_match_transformers(tiny):
     ids, mask = padded_batch([5, 3], 5, left=True, seed=7)
     eos, expected = _emitted_eos(hf_model, ids, mask, 10, num_beams=4)
     config = GenerationConfig(max_new_tokens=10, eos_token_id=eos, pad_token_id=PAD, num_beams=4)
-    ours = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=config))
+    ours = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=config).tokens)
     np.testing.assert_array_equal(ours, expected)
     no_eos = GenerationConfig(max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD, num_beams=4)
-    ours = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=no_eos))
+    ours = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=no_eos).tokens)
     np.testing.assert_array_equal(ours, _hf_new_tokens(hf_model, ids, mask, 10, num_beams=4))
 
 
@@ -94,7 +94,7 @@ def test_token_logprobs_match_transformers_scores(tiny, beams):
         expected = hf_model.compute_transition_scores(out.sequences, out.scores, out.beam_indices).numpy()
     config = GenerationConfig(max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD, num_beams=beams,
                               top_logprobs=top)
-    ours = generate_scored(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=config)
+    ours = generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=config)
     np.testing.assert_array_equal(np.asarray(ours.tokens), out.sequences[:, ids.shape[1]:].numpy())
     np.testing.assert_allclose(np.asarray(ours.logprobs), expected, atol=1e-5)
     if beams == 1:
@@ -115,14 +115,14 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy(tiny):
     _, model = tiny
     ids, mask = padded_batch([6, 3], 6, left=True, seed=9)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    greedy = generate(model, ids, attention_mask=mask, config=GenerationConfig(max_new_tokens=8, pad_token_id=PAD))
+    plain = GenerationConfig(max_new_tokens=8, pad_token_id=PAD)
+    greedy = generate(model, ids, attention_mask=mask, config=plain).tokens
     nucleus = GenerationConfig(max_new_tokens=8, pad_token_id=PAD, do_sample=True, temperature=0.7, top_p=1e-6)
-    np.testing.assert_array_equal(
-        np.asarray(generate(model, ids, attention_mask=mask, config=nucleus, rng=jax.random.key(0))), np.asarray(greedy)
-    )
+    nucleus_tokens = generate(model, ids, attention_mask=mask, config=nucleus, rng=jax.random.key(0)).tokens
+    np.testing.assert_array_equal(np.asarray(nucleus_tokens), np.asarray(greedy))
     hot = GenerationConfig(max_new_tokens=8, pad_token_id=PAD, do_sample=True, temperature=5.0)
-    a = generate(model, ids, attention_mask=mask, config=hot, rng=jax.random.key(1))
-    b = generate(model, ids, attention_mask=mask, config=hot, rng=jax.random.key(1))
-    c = generate(model, ids, attention_mask=mask, config=hot, rng=jax.random.key(2))
+    a = generate(model, ids, attention_mask=mask, config=hot, rng=jax.random.key(1)).tokens
+    b = generate(model, ids, attention_mask=mask, config=hot, rng=jax.random.key(1)).tokens
+    c = generate(model, ids, attention_mask=mask, config=hot, rng=jax.random.key(2)).tokens
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(c))

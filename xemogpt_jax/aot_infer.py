@@ -1,6 +1,6 @@
 """The inference programs ``xemogpt-aot --infer`` compiles: a full clip prompt's prefill, and one decode step.
 
-Inference runs :func:`xemogpt_jax.generate.generate_scored` on the prompt embeddings the model makes from a
+Inference runs :func:`xemogpt_jax.generate.generate` on the prompt embeddings the model makes from a
 clip (16 frames, the config's longest audio, the prompt text). What decides its memory and speed is two
 programs: the prefill (encoders, bridges, the prompt through the LLM, filling the KV cache) and one decode
 step (one token per row against the cache). A decode step is compiled at 1 row per clip (greedy) and at

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from data_pipelines import media, schema
 from xemogpt_jax import loading, prompt, run_config, sharding
-from xemogpt_jax.generate import GenerationConfig, OnStep, Step, generate_scored
+from xemogpt_jax.generate import GenerationConfig, OnStep, Step, generate
 from xemogpt_jax.models import lora as lora_lib
 from xemogpt_jax.models import qwen3_params
 from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig
@@ -210,7 +210,7 @@ class Explainer:
                   decoding: Decoding, top_logprobs: int, on_token: OnToken | None = None) -> list[Generation]:
         config = dataclasses.replace(self.generation_config(decoding), top_logprobs=top_logprobs)
         on_step = None if on_token is None else _answer_tokens(on_token, len(prompt_tokens), config.eos_token_id)
-        out = jax.device_get(generate_scored(
+        out = jax.device_get(generate(
             self.model.llm, inputs_embeds=embeds, attention_mask=jnp.asarray(attention_mask), config=config,
             rng=jax.random.key(decoding.seed), on_step=on_step,
         ))
@@ -375,7 +375,7 @@ class Explainer:
 
 
 def _answer_tokens(on_token: OnToken, rows: int, eos: Sequence[int]) -> OnStep:
-    """Per-step callback of :func:`generate_scored` -> ``on_token`` for each real row's tokens before its EOS."""
+    """Per-step callback of :func:`generate` -> ``on_token`` for each real row's tokens before its EOS."""
     finished = [False] * rows
 
     def on_step(step: Step) -> None:

@@ -99,24 +99,10 @@ def generate(
     attention_mask: jax.Array | None = None,
     config: GenerationConfig = GenerationConfig(),
     rng: jax.Array | None = None,
-) -> jax.Array:
-    """New tokens ``[B, max_new_tokens]`` (the best beam with ``num_beams > 1``), ``pad`` after EOS."""
-    return generate_scored(
-        model, input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, config=config, rng=rng
-    ).tokens
-
-
-def generate_scored(
-    model: Qwen3ForCausalLM,
-    input_ids: jax.Array | None = None,
-    *,
-    inputs_embeds: jax.Array | None = None,
-    attention_mask: jax.Array | None = None,
-    config: GenerationConfig = GenerationConfig(),
-    rng: jax.Array | None = None,
     on_step: OnStep | None = None,
 ) -> Generated:
-    """:func:`generate` with each emitted token's log-probability and the step's top alternatives.
+    """New tokens ``[B, max_new_tokens]`` (the best beam with ``num_beams > 1``; ``pad`` after EOS), each with
+    its log-probability and the step's top alternatives.
 
     ``on_step`` (greedy or sampling only) is called on the host with every step as it is decoded, in
     order, before this returns.
