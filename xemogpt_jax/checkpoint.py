@@ -68,6 +68,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether :meth:`save` would write ``step``: a caller skips building the state when it would not."""
+        return force or self.manager.should_save(step)
+
     def save(
         self,
         step: int,
@@ -83,7 +87,7 @@ class Checkpointer:
         ``data_state`` is this process's iterator state; all processes' states are gathered and
         stored together so each process finds its own on restore.
         """
-        if not (force or self.manager.should_save(step)):
+        if not self.due(step, force):
             return False
         metrics = None if eval_loss is None else {EVAL_METRIC: float(eval_loss)}
         args = ocp.args.Composite(

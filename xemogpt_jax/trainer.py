@@ -343,7 +343,7 @@ def run(
             writer.progress(step, record)
             stop = watch.should_stop(step)
             force = stop or step == config.train.steps
-            if checkpoints.save(
+            if checkpoints.due(step, force) and checkpoints.save(
                 step, nnx.to_pure_dict(engine.trained), data_state, config_json,
                 eval_loss=eval_loss, force=force,
             ):
