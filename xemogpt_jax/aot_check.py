@@ -747,8 +747,6 @@ def compile_and_report(program: Any, build: Callable[[Any], Any], tokens: int | 
                        args: argparse.Namespace) -> Memory | None:
     """Compile ``program`` (what ``build(s.config)`` gives) as configured, print its memory, cost, step time and
     MFU; returns its memory."""
-
-
     start = time.perf_counter()
     compiled = compile_variant(program, None, False, s.mesh, s.target)
     print(f"lowered and compiled in {time.perf_counter() - start:.1f} s", flush=True)
