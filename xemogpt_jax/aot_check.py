@@ -555,13 +555,21 @@ class StepFlops:
 
 
 def step_flops(program: Any, build: Callable[[Any], Any], config: Any, mesh: Any) -> StepFlops:
-    """The traced FLOPs of ``program`` (``build(config)``) and of a fresh build traced without remat (nothing is
-    compiled). Remat trades FLOPs for memory; counting its recomputation would flatter the MFU."""
+    """The traced FLOPs of ``program`` (``build(config)``) and, where it rematerialises, of a fresh build traced
+    without remat (nothing is compiled). Remat trades FLOPs for memory; counting its recomputation would flatter
+    the MFU."""
+    import jax
+
+    from xemogpt_jax import metrics
     from xemogpt_jax.models.layers import remat_off
 
+    with jax.set_mesh(mesh):
+        jaxpr = program.jitted.trace(*program.args).jaxpr
+    executed = metrics.jaxpr_flops(jaxpr)
+    if not metrics.rematerialises(jaxpr):
+        return StepFlops(executed, executed)
     with remat_off():
-        model = traced(build(config), mesh)
-    return StepFlops(traced(program, mesh), model)
+        return StepFlops(executed, traced(build(config), mesh))
 
 
 def step_seconds(cost: Cost, chip: Chip, traced_flops: float) -> tuple[float, str, bool]:

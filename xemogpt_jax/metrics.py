@@ -54,6 +54,17 @@ def jaxpr_flops(jaxpr: jex.core.Jaxpr | jex.core.ClosedJaxpr) -> float:
     return total
 
 
+# jax.checkpoint's primitive, by its name in a jaxpr (``checkpoint`` in older JAX releases).
+REMAT_PRIMITIVES = ("remat2", "checkpoint")
+
+
+def rematerialises(jaxpr: jex.core.Jaxpr | jex.core.ClosedJaxpr) -> bool:
+    """Whether a jaxpr runs anything under ``jax.checkpoint``: a train step that recomputes in its backward."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return any(eqn.primitive.name in REMAT_PRIMITIVES or any(map(rematerialises, jex.core.jaxprs_in_params(eqn.params)))
+               for eqn in jaxpr.eqns)
+
+
 def traced_flops(jitted: Any, *args: Any) -> float:
     """:func:`jaxpr_flops` of ``jitted(*args)`` (traced only: nothing is compiled or run)."""
     return jaxpr_flops(jitted.trace(*args).jaxpr)

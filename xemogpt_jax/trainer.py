@@ -243,8 +243,11 @@ def evaluate(engine: Engine, batches: Iterator[Batch], num_batches: int, pad_val
 
 def step_flops(engine: Engine, loss: LossFn, batch: Batch, config: ml_collections.ConfigDict, tokens: int) -> float:
     """The model's FLOPs of one train step, from the traced step or the parameter-count rule
-    (``perf.flops_from``). The step is traced without remat: MFU counts no recomputation."""
+    (``perf.flops_from``). A step that rematerialises is traced again without: MFU counts no recomputation."""
     if config.perf.flops_from == "traced":
+        jaxpr = engine.step_fn.trace(engine.trained, engine.frozen, batch).jaxpr
+        if not metrics_lib.rematerialises(jaxpr):
+            return metrics_lib.jaxpr_flops(jaxpr)
         with remat_off():
             step = make_train_step(engine.graphdef, loss, engine.trainable, engine.frozen, engine.trained,
                                    engine.mesh, lambda step: 0.0)
