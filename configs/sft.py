@@ -41,6 +41,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.num_frames = 16
     # Width of the bridges' stage 1-2 heads (unused here; it must match the checkpoints of init_from.*_bridge).
     c.model.align_dim = video.align_dim  # one width for both bridges' heads
+    # Positions whose [rows, chunk, vocab] fp32 logits the loss holds at a time (the whole [rows, 2048, vocab]
+    # would be the step's largest buffer); a smaller chunk frees HBM, a larger one makes wider matmuls.
+    c.model.loss_chunk = 512
     c.model.remat = "full"  # LLM layers in the backward pass: the choices of model.remat_towers (configs/common.py)
     c.model.lora = ml_collections.ConfigDict(
         dict(rank=512, alpha=512.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))

@@ -80,13 +80,71 @@ def test_frame_mask_ratio():
     assert abs(float(mask.mean()) - 0.5) < 0.02
 
 
-def test_causal_lm_cross_entropy_scores_only_labelled_positions():
+LABELS = np.array([[-100, 3, 1, -100, 0], [2, 2, -100, -100, 4], [-100] * 5])  # the last row scores nothing
+
+
+def _whole_logits_loss(hidden, kernel, labels):
+    """The loss with every logit built at once, by plain jnp: the second code path the chunked one must equal."""
+    logits = jnp.matmul(hidden, kernel.astype(hidden.dtype)).astype(jnp.float32)
+    scored = labels != -100
+    picked = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.where(scored, labels, 0)[..., None], -1)[..., 0]
+    return -jnp.sum(jnp.where(scored, picked, 0.0)) / jnp.maximum(jnp.sum(scored), 1)
+
+
+def _hidden_and_kernel(dtype=np.float32):
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(2, 4, 5))
-    labels = np.array([[-100, 3, 1, -100], [2, 2, -100, -100]])
-    terms = [
-        -_log_softmax_row(list(logits[b, t]))[labels[b, t]] for b in range(2) for t in range(4) if labels[b, t] != -100
-    ]
-    loss, count = losses.causal_lm_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
-    np.testing.assert_allclose(float(loss), sum(terms) / len(terms), rtol=1e-6)
-    assert float(count) == 4
+    return jnp.asarray(rng.normal(size=(3, 5, 4)), dtype), jnp.asarray(rng.normal(size=(4, 6)), dtype)
+
+
+def test_causal_lm_cross_entropy_scores_only_labelled_positions():
+    hidden, kernel = _hidden_and_kernel()
+    logits = np.asarray(hidden) @ np.asarray(kernel)
+    terms = [-_log_softmax_row(list(logits[b, t]))[LABELS[b, t]]
+             for b in range(3) for t in range(5) if LABELS[b, t] != -100]
+    for chunk in (1, 2, 3, 5, 512):  # 2 and 3 leave the last chunk short: it is padded with ignored positions
+        loss, count = losses.causal_lm_cross_entropy(hidden, kernel, jnp.asarray(LABELS), chunk)
+        np.testing.assert_allclose(float(loss), sum(terms) / len(terms), rtol=1e-6, err_msg=f"chunk {chunk}")
+        assert int(count) == 6
+
+
+def test_causal_lm_cross_entropy_gradients_equal_those_of_the_whole_logits():
+    """The gradients the chunked pass takes in its forward equal autodiff through whole logits, for the
+    hidden states alone (a frozen projection) and for both; ignored positions get none."""
+    labels = jnp.asarray(LABELS)
+    for dtype, tolerance in ((np.float32, 1e-6), (jnp.bfloat16, 2e-2)):
+        hidden, kernel = _hidden_and_kernel(dtype)
+        want = jax.grad(_whole_logits_loss, argnums=(0, 1))(hidden, kernel, labels)
+        for chunk in (1, 2, 5):
+            got_hidden = jax.grad(lambda h: losses.causal_lm_cross_entropy(h, kernel, labels, chunk)[0])(hidden)
+            got = jax.grad(lambda h, k: losses.causal_lm_cross_entropy(h, k, labels, chunk)[0], (0, 1))(hidden, kernel)
+            for name, g, w in (("hidden alone", got_hidden, want[0]), ("hidden", got[0], want[0]),
+                               ("kernel", got[1], want[1])):
+                assert g.dtype == w.dtype, name
+                np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=tolerance,
+                                           err_msg=f"{name}, chunk {chunk}, {dtype}")
+            assert not np.asarray(got[0], np.float32)[np.asarray(LABELS) == -100].any()
+
+
+def test_nothing_scored_gives_zero_loss_and_gradient():
+    hidden, kernel = _hidden_and_kernel()
+    labels = jnp.full((3, 5), -100)
+    loss, count = losses.causal_lm_cross_entropy(hidden, kernel, labels, 2)
+    grads = jax.grad(lambda h, k: losses.causal_lm_cross_entropy(h, k, labels, 2)[0], (0, 1))(hidden, kernel)
+    assert float(loss) == 0.0 and int(count) == 0
+    assert not any(np.asarray(g).any() for g in grads)
+
+
+def test_the_chunked_loss_never_holds_the_whole_logits():
+    """XLA's memory plan of the loss and its gradient: whole [4, 2048, 32000] fp32 logits take 1 GiB; in chunks
+    of 256 positions the step's temporaries are a few chunks' worth."""
+    hidden = jax.ShapeDtypeStruct((4, 2048, 64), jnp.float32)
+    kernel = jax.ShapeDtypeStruct((64, 32000), jnp.float32)
+    labels = jax.ShapeDtypeStruct((4, 2048), jnp.int32)
+
+    def temporaries(chunk: int) -> int:
+        step = jax.jit(jax.grad(lambda h, k, y: losses.causal_lm_cross_entropy(h, k, y, chunk)[0], (0, 1)))
+        return step.lower(hidden, kernel, labels).compile().memory_analysis().temp_size_in_bytes
+
+    whole_logits, chunk_logits = 4 * 2048 * 32000 * 4, 4 * 256 * 32000 * 4
+    assert temporaries(2048) >= whole_logits
+    assert temporaries(256) <= 3 * chunk_logits  # a chunk's logits and their gradient, not the whole

@@ -177,6 +177,7 @@ def xemogpt_config(run: RunConfig, tokenizer: Any = None) -> XEmoGPTConfig:
         max_audio_samples=int(data.get("max_audio_seconds", audio_pre.MAX_SECONDS) * audio_pre.SAMPLING_RATE),
         max_context=int(data.get("max_context", prompt.MAX_CONTEXT)),
         truncate=str(data.get("truncate", "tail")),
+        loss_chunk=int(model.get("loss_chunk", 512)),
         dtype=dtype,
         train_encoders=bool(model.get("train_encoders", False)),
     )

@@ -265,7 +265,7 @@ def sft_trainable(config: ml_collections.ConfigDict) -> Any:
 
 
 def sft_loss(model: XEmoGPT, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
-    loss, _ = model(
+    loss = model(
         batch["token_ids"], batch["kind"], batch["feature_index"], batch["labels"], batch["attention_mask"],
         batch["positions"], frames=batch["pixel_values"], audio=batch["input_values"], audio_mask=batch["audio_mask"],
         dropout_rng=key,

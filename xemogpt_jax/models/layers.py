@@ -109,7 +109,7 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """A token (or position) table; ``attend`` gives tied output logits."""
+    """A token (or position) table."""
 
     def __init__(
         self,
@@ -126,9 +126,6 @@ class Embed(nnx.Module):
     def __call__(self, ids: jax.Array, dtype: DType = None) -> jax.Array:
         table = self.embedding[...]
         return jnp.take(table, ids, axis=0).astype(dtype or table.dtype)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        return matmul(x, self.embedding[...].astype(x.dtype).T)
 
 
 # ``model.remat`` / ``model.remat_towers``: what a rematerialised layer keeps for the backward pass.

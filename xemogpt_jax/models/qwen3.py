@@ -35,6 +35,7 @@ from xemogpt_jax.models.layers import (
     RMSNorm,
     activation,
     default_init,
+    matmul,
     remat_name,
     remat_policy,
 )
@@ -482,13 +483,14 @@ class Qwen3ForCausalLM(nnx.Module):
             values.append(v)
         return x, tuple(keys), tuple(values)
 
+    def output_kernel(self) -> jax.Array:
+        """The vocabulary projection ``[D, V]`` in the compute dtype: the tied embedding's transpose, or ``lm_head``'s."""
+        kernel = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return kernel.astype(self.config.dtype or kernel.dtype)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """fp32 vocabulary logits from final hidden states."""
-        if self.lm_head is None:
-            out = self.embed_tokens.attend(hidden)
-        else:
-            out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        return matmul(hidden, self.output_kernel().astype(hidden.dtype)).astype(jnp.float32)
 
     def __call__(
         self,

@@ -55,6 +55,7 @@ class XEmoGPTConfig:
     max_audio_samples: int = 192_000  # the first 12 s at 16 kHz
     max_context: int = prompt.MAX_CONTEXT  # conditioning positions, for prompt.build_sample
     truncate: str = "tail"  # which end of an over-long condition prompt.build_sample keeps
+    loss_chunk: int = 512  # positions whose vocabulary logits the loss holds at a time
     align_dim: int = bridges.ALIGN_DIM
     dtype: DType = None
     param_dtype: DType = jnp.float32
@@ -185,14 +186,14 @@ class XEmoGPT(nnx.Module):
         audio_features: jax.Array | None = None,
         audio_frame_mask: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
-        """``(loss, logits)``: causal-LM cross-entropy over the target tokens (pre-shifted ``labels``)."""
+    ) -> jax.Array:
+        """The causal-LM cross-entropy over the target tokens (pre-shifted ``labels``); the logits are never whole."""
         embeds = self.input_embeddings(
             token_ids, kind, feature_index, frames=frames, clip_features=clip_features, audio=audio,
             audio_mask=audio_mask, audio_features=audio_features, audio_frame_mask=audio_frame_mask,
         )
-        logits = self.llm(
+        hidden, _ = self.llm.hidden_states(
             inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, dropout_rng=dropout_rng
         )
-        loss, _ = losses.causal_lm_cross_entropy(logits, labels)
-        return loss, logits
+        loss, _ = losses.causal_lm_cross_entropy(hidden, self.llm.output_kernel(), labels, self.config.loss_chunk)
+        return loss
