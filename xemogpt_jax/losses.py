@@ -173,7 +173,8 @@ def _chunked_nll(
         return (loss, d_kernel), matmul(d_logits, kernel.T) if grad_hidden else None
 
     d_kernel = jnp.zeros(kernel.shape, jnp.float32) if grad_kernel else None
-    (loss, d_kernel), d_hidden = jax.lax.scan(body, (jnp.zeros((), jnp.float32), d_kernel), (hidden_chunks, label_chunks))
+    start = (jnp.zeros((), jnp.float32), d_kernel)
+    (loss, d_kernel), d_hidden = jax.lax.scan(body, start, (hidden_chunks, label_chunks))
     if d_hidden is not None:
         d_hidden = d_hidden.swapaxes(0, 1).reshape(batch, pieces * size, width)[:, :length]
     return loss, d_hidden, None if d_kernel is None else d_kernel.astype(kernel.dtype)

@@ -484,7 +484,7 @@ class Qwen3ForCausalLM(nnx.Module):
         return x, tuple(keys), tuple(values)
 
     def output_kernel(self) -> jax.Array:
-        """The vocabulary projection ``[D, V]`` in the compute dtype: the tied embedding's transpose, or ``lm_head``'s."""
+        """The vocabulary projection ``[D, V]`` in the compute dtype: the tied embedding transposed, or ``lm_head``."""
         kernel = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return kernel.astype(self.config.dtype or kernel.dtype)
 
