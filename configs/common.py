@@ -86,7 +86,8 @@ def runtime_options(model: ml_collections.ConfigDict) -> None:
     # Remat of each CLIP / HuBERT tower layer and bridge layer: none | full | dots_saveable |
     # dots_with_no_batch_dims_saveable | save_qkv_proj (or a jax.checkpoint_policies name).
     model.remat_towers = "none"
-    # True unrolls the layer scans (LLM, CLIP and HuBERT towers): faster at a few layers, slower to compile.
+    # True unrolls the layer scans (LLM, CLIP and HuBERT towers; and the stage-3 loss's chunks): faster at a few
+    # layers, slower to compile.
     model.unroll_layers = False
 
 

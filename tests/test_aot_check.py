@@ -42,10 +42,12 @@ def test_aot_check_compiles_the_paper_scale_step_and_reports_memory():
 
 def test_depth_extrapolation_equals_the_fully_unrolled_cost():
     """Identical layers add identical cost: a 4-layer LLM costed from copies 1 and 2 layers deep matches the step
-    compiled with all of its layers unrolled. Stage 3 builds no CLIP text tower: its depth is traced, not costed."""
+    compiled with all of its layers unrolled. Stage 3 builds no CLIP text tower: its depth is traced, not costed.
+    The loss runs in 4 chunks, unrolled too: every chunk counted, the FLOPs of the loss in one piece."""
     from xemogpt_jax import aot_check, config_files, run_config
 
     config = config_files.load("configs/sft.py:tiny")
+    config.model.loss_chunk = 96
     run_config.set_architecture(config, "llm", num_hidden_layers=4)
     text_tower = {**run_config.architecture(config, "clip")["text_config"], "num_hidden_layers": 3}
     run_config.set_architecture(config, "clip", text_config=text_tower)
@@ -63,6 +65,10 @@ def test_depth_extrapolation_equals_the_fully_unrolled_cost():
     assert full.loops == 0 and extrapolated.loops == 0
     assert extrapolated.flops == pytest.approx(full.flops, rel=1e-3)
     assert extrapolated.bytes_accessed == pytest.approx(full.bytes_accessed, rel=2e-2)
+    config.model.loss_chunk = 384
+    one_chunk = aot_check.cost_of(aot_check.compile_variant(build(aot_check.unrolled_copy(config)), None, True, mesh,
+                                                            target))
+    assert full.flops == pytest.approx(one_chunk.flops, rel=1e-3)
 
 
 def test_flops_xla_cannot_see_set_the_roofline_floor_and_the_printed_mfu_without_them(capsys):

@@ -94,7 +94,8 @@ def masked_frame_modeling(predicted: jax.Array, target: jax.Array, mask: jax.Arr
 
 
 def causal_lm_cross_entropy(
-    hidden: jax.Array, kernel: jax.Array, labels: jax.Array, chunk: int = 512, ignore_index: int = IGNORE_INDEX
+    hidden: jax.Array, kernel: jax.Array, labels: jax.Array, chunk: int = 512, ignore_index: int = IGNORE_INDEX,
+    unroll: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Causal-LM loss on target tokens from the final hidden states ``[B, T, D]`` and the output projection ``[D, V]``.
 
@@ -105,26 +106,28 @@ def causal_lm_cross_entropy(
     The logits exist ``chunk`` positions at a time: whole, the ``[B, T, V]`` fp32 logits of a 151,936-token
     vocabulary are 1.2 GiB per 2048-token row, the largest buffer of a stage-3 step. Each chunk's gradient is
     taken in the same pass (as fused linear cross-entropy kernels do), so no logits are computed twice.
+    ``unroll`` unrolls the loop over chunks (as ``model.unroll_layers`` does the layer scans, for cost compiles).
     """
     count = jnp.sum(labels != ignore_index)
-    return _mean_target_nll(hidden, kernel, labels, chunk, ignore_index), count
+    return _mean_target_nll(hidden, kernel, labels, chunk, ignore_index, unroll), count
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _mean_target_nll(hidden, kernel, labels, chunk, ignore_index):
-    loss, _, _ = _chunked_nll(hidden, kernel, labels, chunk, ignore_index, grad_hidden=False, grad_kernel=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _mean_target_nll(hidden, kernel, labels, chunk, ignore_index, unroll):
+    loss, _, _ = _chunked_nll(hidden, kernel, labels, chunk, ignore_index, unroll, grad_hidden=False,
+                              grad_kernel=False)
     return loss
 
 
-def _mean_target_nll_fwd(hidden, kernel, labels, chunk, ignore_index):
+def _mean_target_nll_fwd(hidden, kernel, labels, chunk, ignore_index, unroll):
     loss, d_hidden, d_kernel = _chunked_nll(
-        hidden.value, kernel.value, labels.value, chunk, ignore_index,
+        hidden.value, kernel.value, labels.value, chunk, ignore_index, unroll,
         grad_hidden=hidden.perturbed, grad_kernel=kernel.perturbed,
     )
     return loss, (d_hidden, d_kernel)
 
 
-def _mean_target_nll_bwd(chunk, ignore_index, grads, g):
+def _mean_target_nll_bwd(chunk, ignore_index, unroll, grads, g):
     d_hidden, d_kernel = grads
     scale = lambda d: None if d is None else (d * g).astype(d.dtype)  # noqa: E731
     return scale(d_hidden), scale(d_kernel), None
@@ -134,7 +137,7 @@ _mean_target_nll.defvjp(_mean_target_nll_fwd, _mean_target_nll_bwd, symbolic_zer
 
 
 def _chunked_nll(
-    hidden: jax.Array, kernel: jax.Array, labels: jax.Array, chunk: int, ignore_index: int, *,
+    hidden: jax.Array, kernel: jax.Array, labels: jax.Array, chunk: int, ignore_index: int, unroll: bool, *,
     grad_hidden: bool, grad_kernel: bool,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """The mean target NLL and, as asked, its gradients for ``hidden`` and ``kernel``, a chunk of positions at a time.
@@ -174,7 +177,7 @@ def _chunked_nll(
 
     d_kernel = jnp.zeros(kernel.shape, jnp.float32) if grad_kernel else None
     start = (jnp.zeros((), jnp.float32), d_kernel)
-    (loss, d_kernel), d_hidden = jax.lax.scan(body, start, (hidden_chunks, label_chunks))
+    (loss, d_kernel), d_hidden = jax.lax.scan(body, start, (hidden_chunks, label_chunks), unroll=unroll)
     if d_hidden is not None:
         d_hidden = d_hidden.swapaxes(0, 1).reshape(batch, pieces * size, width)[:, :length]
     return loss, d_hidden, None if d_kernel is None else d_kernel.astype(kernel.dtype)

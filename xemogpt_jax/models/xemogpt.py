@@ -195,5 +195,6 @@ class XEmoGPT(nnx.Module):
         hidden, _ = self.llm.hidden_states(
             inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, dropout_rng=dropout_rng
         )
-        loss, _ = losses.causal_lm_cross_entropy(hidden, self.llm.output_kernel(), labels, self.config.loss_chunk)
+        loss, _ = losses.causal_lm_cross_entropy(hidden, self.llm.output_kernel(), labels, self.config.loss_chunk,
+                                                  unroll=self.config.llm.unroll_layers)
         return loss
