@@ -102,7 +102,7 @@ def splice(
 
 
 class XEmoGPT(nnx.Module):
-    """Frozen encoders + VECB/AECB + projections + LLM; ``__call__`` gives ``(loss, logits)``."""
+    """Frozen encoders + VECB/AECB + projections + LLM; ``__call__`` gives the stage-3 loss."""
 
     def __init__(self, config: XEmoGPTConfig, *, rngs: nnx.Rngs):
         c = config
