@@ -25,7 +25,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from xemogpt_jax import aot_check, cli_checks
+from xemogpt_jax import aot_check, cli_checks, config_files
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu is not installed (pip install -e '.[tpu]')")
@@ -340,3 +340,26 @@ def test_search_ranks_the_fitting_layouts_and_its_choice_launches_as_printed(cap
                             capture_output=True, text=True, cwd=root, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(root)})
     assert parsed.stdout.split() == [best_mesh, str(best_batch), "none"], parsed.stderr[-2000:]
+
+
+def score_buffers(attention: str) -> set[str]:
+    """The ``[..., T, T]`` arrays (T = 512) of the tiny stage-3 train step as the TPU compiler emits it for v5e:2x2."""
+    config = config_files.load("configs/sft.py:tiny")
+    config.model.attention = attention
+    config.dtype = "bfloat16"
+    target = aot_check.parse_target("tpu:v5e:2x2")
+    mesh = aot_check.make_mesh(target, aot_check.target_devices(target), (1, 4, 1))
+    # the matmul precision a TPU run has (conftest asks for "highest", which Mosaic refuses on bf16 operands)
+    with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+        step = aot_check.build_step(config, mesh, 8, 512)
+        text = step.jitted.lower(*step.args).compile().as_text()
+    return {f"{dtype}[{dims}]" for dtype, dims in re.findall(r"\b(f32|bf16)\[([\d,]+)\]", text)
+            if dims.endswith(",512,512")}
+
+
+@pytest.mark.slow
+def test_no_attention_score_buffer_survives_in_the_splash_step():
+    """Mixed precision with splash: no ``[B, H, T, S]`` scores, fp32 or bf16, in the compiled bf16 stage-3 step;
+    with ``xla`` attention the same search finds them (so it can see them)."""
+    assert score_buffers("splash") == set()
+    assert {buffer for buffer in score_buffers("xla") if buffer.startswith("f32")}
