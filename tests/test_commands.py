@@ -253,3 +253,13 @@ def test_train_checks_each_init_from_folder_and_the_workdir_it_resumes(tiny):
     assert [line.split(":")[0] for line in error.value.lines] == [
         "--config.init_from.model", "--config.init_from.clip", "--config.init_from.audio_bridge", "--workdir"]
     assert "no config.json" in error.value.lines[1] and "align_audio" in error.value.lines[2]
+
+
+def test_train_refuses_a_loss_chunk_that_is_no_number_of_positions(tiny):
+    config = sft.get_config("tiny")
+    config.data.train_dir = str(tiny["world"] / "train")
+    config.init_from.tokenizer = str(tiny["world"] / "tokenizer")
+    config.model.loss_chunk = 0
+    with pytest.raises(cli_checks.UsageError) as error:
+        config_checks.check_train_config(config, str(tiny["world"]))
+    assert [line.split(":")[0] for line in error.value.lines] == ["--config.model.loss_chunk"]

@@ -111,6 +111,13 @@ def _check_workdir(problems: Problems, config: ml_collections.ConfigDict, workdi
                                   "would resume; choose a new workdir")
 
 
+def _check_model(problems: Problems, config: ml_collections.ConfigDict) -> None:
+    """Model fields whose bad values would only fail deep inside the first step."""
+    chunk = config.get("model", {}).get("loss_chunk", 1)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        problems.add(flag("model.loss_chunk"), f"{chunk!r} is not a number of positions; give a whole number >= 1")
+
+
 def check_train_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Raise one :class:`~xemogpt_jax.cli_checks.UsageError` naming every unusable path the run reads or resumes."""
     problems = Problems()
@@ -120,6 +127,7 @@ def check_train_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     _check_weights(problems, config)
     _check_tokenizer(problems, config)
     _check_data(problems, config)
+    _check_model(problems, config)
     _check_workdir(problems, config, workdir)
     problems.raise_if_any()
 
