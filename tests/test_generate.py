@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from qwen_fixtures import EOS, padded_batch, save_tiny_hf
+from flax import nnx
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from xemogpt_jax import loading
-from xemogpt_jax.generate import GenerationConfig, generate, top_p_filter
+from xemogpt_jax.generate import GenerationConfig, _generate_jit, generate, top_p_filter
 from xemogpt_jax.models import qwen3_params
 
 PAD = 0
@@ -126,3 +127,37 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy(tiny):
     c = generate(model, ids, attention_mask=mask, config=hot, rng=jax.random.key(2)).tokens
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_unstacked_layers_decode_alike_and_the_loop_holds_no_second_copy_of_them(tmp_path):
+    """Decoding's layout (``unstack_layers``, what ``explainer.load`` gives) against transformers, and XLA's
+    memory plan of the decode program: stacked, it holds every layer's weights a second time (the slices taken
+    before the loop); unstacked, not."""
+    hf_model = save_tiny_hf("qwen3", tmp_path, seed=3)
+    stacked, _ = loading.from_hf(qwen3_params.hf_factory(tmp_path), tmp_path, qwen3_params.hf_key_map)
+    unstacked, _ = loading.from_hf(qwen3_params.hf_factory(tmp_path), tmp_path, qwen3_params.hf_key_map)
+    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(unstacked.layers)))
+    unstacked.unstack_layers()
+    assert len(unstacked.layers) == unstacked.config.num_hidden_layers
+    assert sum(x.nbytes for x in jax.tree.leaves(nnx.state(unstacked.layers))) == layer_bytes
+
+    ids, mask = padded_batch([9, 4, 6], 9, left=True, seed=5)
+    with torch.no_grad():
+        expected_logits = hf_model(input_ids=torch.tensor(ids, dtype=torch.long),
+                                   attention_mask=torch.tensor(mask)).logits.numpy()
+    logits = np.asarray(unstacked(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(logits[mask == 1], expected_logits[mask == 1], atol=1e-4)
+    eos, expected = _emitted_eos(hf_model, ids, mask, 16)
+    temps = {}
+    for name, model in (("stacked", stacked), ("unstacked", unstacked)):
+        for beams in (1, 3):
+            config = GenerationConfig(max_new_tokens=16, eos_token_id=eos, pad_token_id=PAD, num_beams=beams)
+            if beams == 1:
+                tokens = generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), config=config).tokens
+                np.testing.assert_array_equal(np.asarray(tokens), expected, err_msg=name)
+            graphdef, state = nnx.split(model)
+            compiled = _generate_jit.lower(graphdef, state, jnp.asarray(ids), None, jnp.asarray(mask),
+                                           jax.random.key(0), config, None).compile()
+            temps[name, beams] = compiled.memory_analysis().temp_size_in_bytes
+    for beams in (1, 3):
+        assert temps["stacked", beams] - temps["unstacked", beams] >= layer_bytes, (temps, layer_bytes)

@@ -404,5 +404,6 @@ def load(
     mesh = mesh or sharding.make_mesh((1, -1, 1), devices=jax.local_devices())
     model = loading.load_xemogpt(found, run_config.xemogpt_config(run, text_tokenizer), mesh)
     lora_lib.merge_lora(model)
+    model.llm.unstack_layers()
     buckets = run.get("data", {}).get("length_buckets", prompt.DEFAULT_BUCKETS)
     return Explainer(model, text_tokenizer, buckets=buckets)

@@ -39,7 +39,7 @@ from xemogpt_jax.models.layers import (
     remat_name,
     remat_policy,
 )
-from xemogpt_jax.models.stack import prefix_layers_axis
+from xemogpt_jax.models.stack import prefix_layers_axis, unstack_layers
 from xemogpt_jax.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -450,6 +450,11 @@ class Qwen3ForCausalLM(nnx.Module):
                                 lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32), prompt=cache.prompt)
             return self.norm(x), new_cache
 
+        if isinstance(self.layers, nnx.List):
+            for i, layer in enumerate(self.layers):
+                x, _ = layer(x, cos, sin, attend, None, None if layer_keys is None else layer_keys[i])
+            return self.norm(x), None
+
         graphdef, layer_state = nnx.split(self.layers)
 
         def body(h, xs):
@@ -463,12 +468,20 @@ class Qwen3ForCausalLM(nnx.Module):
         x, _ = jax.lax.scan(body, x, (layer_state, layer_keys), unroll=c.unroll_layers)
         return self.norm(x), None
 
+    def unstack_layers(self) -> None:
+        """Decoding's layout (:func:`~xemogpt_jax.models.stack.unstack_layers`): then :meth:`layer_list` copies
+        nothing, and the layers run one after another instead of in a scan."""
+        if not isinstance(self.layers, nnx.List):
+            self.layers = unstack_layers(self.layers, self.config.num_hidden_layers)
+
     def layer_list(self) -> list[DecoderLayer]:
-        """Each layer on its own, its weights sliced out of the stacks.
+        """Each layer on its own: the unstacked layers, or their weights sliced out of the stacks.
 
         A decode loop slices them once, before its ``while_loop``: sliced inside, each step would copy
         every layer's weights out of the stacks again (XLA does not hoist those slices).
         """
+        if isinstance(self.layers, nnx.List):
+            return list(self.layers)
         graphdef, layer_state = nnx.split(self.layers)
         return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], layer_state))
                 for i in range(self.config.num_hidden_layers)]

@@ -59,3 +59,25 @@ def scan_layers(
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     x, _ = jax.lax.scan(body, x, state, unroll=unroll)
     return x
+
+
+def unstack_layers(layers: nnx.Module, count: int) -> nnx.List:
+    """A stack's layers as modules with arrays of their own, for a decode loop.
+
+    Stacked, a decode loop slices every layer out before its ``while_loop`` (sliced inside, each step
+    would copy them again): a second copy of the stack for as long as it runs. Here each stacked array
+    is dropped as soon as it is sliced, so the stack is never held twice.
+    """
+    graphdef, state = nnx.split(layers)
+    per_layer: list[list[tuple]] = [[] for _ in range(count)]
+    for path, variable in nnx.to_flat_state(state):
+        stacked = variable.get_value()
+        axes = variable.get_metadata().get("logical_axes")
+        for i in range(count):
+            one = variable.replace(value=stacked[i])
+            if axes is not None:
+                one.set_metadata("logical_axes", axes[1:])
+            per_layer[i].append((path, one))
+        variable.set_value(jax.ShapeDtypeStruct(stacked.shape, stacked.dtype))
+        del stacked
+    return nnx.List([nnx.merge(graphdef, nnx.from_flat_state(own)) for own in per_layer])
