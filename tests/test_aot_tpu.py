@@ -259,6 +259,7 @@ def test_a_peak_over_the_hbm_says_by_how_much_and_what_to_try():
 def test_flag_mistakes_are_one_line(capsys):
     base = ["--config", "configs/sft.py:tiny", "--target", "tpu:v5e:2x2"]
     assert "FIELD=VALUE" in one_line_error([*base, "--set", "model.no_such_field=1"], capsys)
+    assert "--set model.loss_chunk: 0 is not a number" in one_line_error([*base, "--set", "model.loss_chunk=0"], capsys)
     assert "configs/sft.py" in one_line_error(["--config", "configs/align_audio.py:tiny", "--infer"], capsys)
     assert "--target tpu:" in one_line_error(["--config", "configs/sft.py:tiny", "--target", "cpu:4", "--search"],
                                              capsys)

@@ -646,7 +646,7 @@ class Setup:
 
 def setup(args: argparse.Namespace) -> Setup:
     """The config, target, devices and mesh the flags name, each mistake one line."""
-    from xemogpt_jax import config_files
+    from xemogpt_jax import config_checks, config_files
 
     try:
         config = config_files.load(args.config)
@@ -654,6 +654,7 @@ def setup(args: argparse.Namespace) -> Setup:
         raise UsageError(str(error)) from None
     for assignment in args.set:
         override(config, assignment)
+    config_checks.check_model_fields(config, lambda field: f"--set {field}")
     shape = mesh_shape_of(args, config)
     target = parse_target(args.target or default_target(shape))
     if args.infer and config.stage != "sft":

@@ -7,6 +7,7 @@ Every stage needs a tokenizer: ``init_from.tokenizer``, or the folder that ships
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_collections
@@ -111,11 +112,19 @@ def _check_workdir(problems: Problems, config: ml_collections.ConfigDict, workdi
                                   "would resume; choose a new workdir")
 
 
-def _check_model(problems: Problems, config: ml_collections.ConfigDict) -> None:
-    """Model fields whose bad values would only fail deep inside the first step."""
+def _check_model(problems: Problems, config: ml_collections.ConfigDict, spell: Callable[[str], str] = flag) -> None:
+    """Model fields whose bad values would only fail deep inside the first step, named as ``spell`` writes a
+    field's flag."""
     chunk = config.get("model", {}).get("loss_chunk", 1)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        problems.add(flag("model.loss_chunk"), f"{chunk!r} is not a number of positions; give a whole number >= 1")
+        problems.add(spell("model.loss_chunk"), f"{chunk!r} is not a number of positions; give a whole number >= 1")
+
+
+def check_model_fields(config: ml_collections.ConfigDict, spell: Callable[[str], str]) -> None:
+    """The model fields alone, for a command that builds the model but reads no paths (``xemogpt-aot``)."""
+    problems = Problems()
+    _check_model(problems, config, spell)
+    problems.raise_if_any()
 
 
 def check_train_config(config: ml_collections.ConfigDict, workdir: str) -> None:
