@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from qwen_fixtures import EOS, padded_batch, save_tiny_hf
 from flax import nnx
+from qwen_fixtures import EOS, padded_batch, save_tiny_hf
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from xemogpt_jax import loading
