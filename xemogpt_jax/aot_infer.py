@@ -56,7 +56,13 @@ def build_programs(config: Any, mesh: Any, batch_size: int, seq_len: int | None,
     from xemogpt_jax.models.qwen3 import KVCache
 
     task = stages.task_for(config, SimpleNamespace(eos_token_id=1, pad_token_id=0))
-    model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(config.seed)))
+
+    def build() -> Any:
+        built = task.build_model(nnx.Rngs(config.seed))
+        built.llm.unstack_layers()  # the layout explainer.load decodes with
+        return built
+
+    model = nnx.eval_shape(build)
     length = seq_len or prompt_length(model.config, tuple(config.data.length_buckets))
     graphdef, state = nnx.split(model)
 
