@@ -107,6 +107,17 @@ def test_causal_lm_cross_entropy_scores_only_labelled_positions():
         assert int(count) == 6
 
 
+def test_target_logprobs_are_each_labels_log_softmax_by_hand():
+    """What ``infer --score`` reports per token, in chunks: by hand, and 0 where nothing is scored."""
+    hidden, kernel = _hidden_and_kernel()
+    logits = np.asarray(hidden) @ np.asarray(kernel)
+    want = np.array([[0.0 if LABELS[b, t] == -100 else _log_softmax_row(list(logits[b, t]))[LABELS[b, t]]
+                      for t in range(5)] for b in range(3)])
+    for chunk in (1, 2, 3, 5, 512):
+        got = losses.target_logprobs(hidden, kernel, jnp.asarray(LABELS), chunk)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7, err_msg=f"chunk {chunk}")
+
+
 def test_causal_lm_cross_entropy_gradients_equal_those_of_the_whole_logits():
     """The gradients the chunked pass takes in its forward equal autodiff through whole logits, for the
     hidden states alone (a frozen projection) and for both; ignored positions get none."""

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from data_pipelines import media, schema
-from xemogpt_jax import loading, prompt, run_config, sharding
+from xemogpt_jax import loading, losses, prompt, run_config, sharding
 from xemogpt_jax.generate import GenerationConfig, OnStep, Step, generate
 from xemogpt_jax.models import lora as lora_lib
 from xemogpt_jax.models import qwen3_params
@@ -321,11 +321,9 @@ class Explainer:
             model = nnx.merge(graphdef, state)
             embeds = model.input_embeddings(batch["token_ids"], batch["kind"], batch["feature_index"], frames=frames,
                                             audio=audio, audio_mask=audio_mask)
-            logits = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                               positions=batch["positions"])
-            labels = batch["labels"]
-            picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), jnp.maximum(labels, 0)[..., None], -1)
-            return jnp.where(labels == prompt.IGNORE_INDEX, 0.0, picked[..., 0])
+            hidden, _ = model.llm.hidden_states(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                                positions=batch["positions"])
+            return losses.target_logprobs(hidden, model.llm.output_kernel(), batch["labels"], model.config.loss_chunk)
 
         return label_logprobs
 

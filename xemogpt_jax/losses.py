@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -140,19 +141,10 @@ def _chunked_nll(
     hidden: jax.Array, kernel: jax.Array, labels: jax.Array, chunk: int, ignore_index: int, unroll: bool, *,
     grad_hidden: bool, grad_kernel: bool,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """The mean target NLL and, as asked, its gradients for ``hidden`` and ``kernel``, a chunk of positions at a time.
-
-    ``T`` splits into ``ceil(T / chunk)`` equal chunks (the last padded with ignored positions), so a length
-    bucket that ``chunk`` does not divide wastes at most a position per chunk.
-    """
-    batch, length, width = hidden.shape
-    vocab = kernel.shape[-1]
-    pieces = -(-length // min(chunk, length))
-    size = -(-length // pieces)
-    pad = pieces * size - length
-    by_chunk = lambda x: x.reshape(batch, pieces, size, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
-    hidden_chunks = by_chunk(jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))))
-    label_chunks = by_chunk(jnp.pad(labels, ((0, 0), (0, pad)), constant_values=ignore_index))
+    """The mean target NLL and, as asked, its gradients for ``hidden`` and ``kernel``, a chunk of positions at a time
+    (:func:`_position_chunks`)."""
+    width, vocab = kernel.shape
+    hidden_chunks, label_chunks, unchunk = _position_chunks(hidden, labels, chunk, ignore_index)
     weight = 1.0 / jnp.maximum(jnp.sum(labels != ignore_index), 1).astype(jnp.float32)
     kernel = constrain(kernel, (None, "vocab"))  # gathered once for every chunk
 
@@ -178,9 +170,42 @@ def _chunked_nll(
     d_kernel = jnp.zeros(kernel.shape, jnp.float32) if grad_kernel else None
     start = (jnp.zeros((), jnp.float32), d_kernel)
     (loss, d_kernel), d_hidden = jax.lax.scan(body, start, (hidden_chunks, label_chunks), unroll=unroll)
-    if d_hidden is not None:
-        d_hidden = d_hidden.swapaxes(0, 1).reshape(batch, pieces * size, width)[:, :length]
-    return loss, d_hidden, None if d_kernel is None else d_kernel.astype(kernel.dtype)
+    return loss, None if d_hidden is None else unchunk(d_hidden), None if d_kernel is None else d_kernel.astype(
+        kernel.dtype)
+
+
+def _position_chunks(
+    hidden: jax.Array, labels: jax.Array, chunk: int, ignore_index: int
+) -> tuple[jax.Array, jax.Array, Callable[[jax.Array], jax.Array]]:
+    """``[B, T, ...]`` hidden states and labels as ``ceil(T / chunk)`` equal chunks ``[P, B, T/P, ...]``, the last
+    padded with ignored positions (a length bucket that ``chunk`` does not divide wastes at most a position per
+    chunk), and the function that puts per-chunk results back as ``[B, T, ...]``."""
+    batch, length = labels.shape
+    pieces = -(-length // min(chunk, length))
+    size = -(-length // pieces)
+    pad = pieces * size - length
+    by_chunk = lambda x: x.reshape(batch, pieces, size, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, pieces * size, *x.shape[3:])[:, :length]  # noqa: E731
+    hidden_chunks = by_chunk(jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))))
+    return hidden_chunks, by_chunk(jnp.pad(labels, ((0, 0), (0, pad)), constant_values=ignore_index)), unchunk
+
+
+def target_logprobs(
+    hidden: jax.Array, kernel: jax.Array, labels: jax.Array, chunk: int = 512, ignore_index: int = IGNORE_INDEX
+) -> jax.Array:
+    """Each position's log-probability of its label ``[B, T]`` (0 where ``ignore_index``), from the final hidden
+    states and the output projection, ``chunk`` positions at a time as the loss is: a scored continuation
+    never holds the whole ``[B, T, V]`` logits."""
+    hidden_chunks, label_chunks, unchunk = _position_chunks(hidden, labels, chunk, ignore_index)
+
+    def body(_, chunk_xs):
+        h, target = chunk_xs
+        logits = matmul(h, kernel).astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, jnp.maximum(target, 0)[..., None], axis=-1)[..., 0]
+        return None, jnp.where(target == ignore_index, 0.0, picked - jax.nn.logsumexp(logits, axis=-1))
+
+    _, values = jax.lax.scan(body, None, (hidden_chunks, label_chunks))
+    return unchunk(values)
 
 
 def stage1_total(cva: jax.Array, ftd: jax.Array, mfm: jax.Array, ftd_weight: float, mfm_weight: float) -> jax.Array:
