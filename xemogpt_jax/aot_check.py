@@ -561,15 +561,10 @@ def step_flops(program: Any, build: Callable[[Any], Any], config: Any, mesh: Any
     import jax
 
     from xemogpt_jax import metrics
-    from xemogpt_jax.models.layers import remat_off
 
     with jax.set_mesh(mesh):
         jaxpr = program.jitted.trace(*program.args).jaxpr
-    executed = metrics.jaxpr_flops(jaxpr)
-    if not metrics.rematerialises(jaxpr):
-        return StepFlops(executed, executed)
-    with remat_off():
-        return StepFlops(executed, traced(build(config), mesh))
+    return StepFlops(metrics.jaxpr_flops(jaxpr), metrics.model_flops(jaxpr, lambda: traced(build(config), mesh)))
 
 
 def step_seconds(cost: Cost, chip: Chip, traced_flops: float) -> tuple[float, str, bool]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ import jax
 import jax.extend as jex
 import tqdm
 from tensorboardX import SummaryWriter
+
+from xemogpt_jax.models.layers import remat_off
 
 
 def step_flops_from_params(total_params: int, trainable_params: int, tokens: int) -> float:
@@ -63,6 +66,15 @@ def rematerialises(jaxpr: jex.core.Jaxpr | jex.core.ClosedJaxpr) -> bool:
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     return any(eqn.primitive.name in REMAT_PRIMITIVES or any(map(rematerialises, jex.core.jaxprs_in_params(eqn.params)))
                for eqn in jaxpr.eqns)
+
+
+def model_flops(jaxpr: jex.core.Jaxpr | jex.core.ClosedJaxpr, retrace: Callable[[], float]) -> float:
+    """A traced step's FLOPs without remat's recomputation (MFU counts none): its own count, or where it
+    rematerialises, ``retrace()``'s, a fresh trace's count made under ``remat_off``."""
+    if not rematerialises(jaxpr):
+        return jaxpr_flops(jaxpr)
+    with remat_off():
+        return retrace()
 
 
 def traced_flops(jitted: Any, *args: Any) -> float:

@@ -31,7 +31,6 @@ from data_pipelines import pipelines
 from xemogpt_jax import checkpoint as checkpoint_lib
 from xemogpt_jax import loading, optim, sharding
 from xemogpt_jax import metrics as metrics_lib
-from xemogpt_jax.models.layers import remat_off
 
 Batch = dict[str, Any]
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -245,13 +244,12 @@ def step_flops(engine: Engine, loss: LossFn, batch: Batch, config: ml_collection
     """The model's FLOPs of one train step, from the traced step or the parameter-count rule
     (``perf.flops_from``). A step that rematerialises is traced again without: MFU counts no recomputation."""
     if config.perf.flops_from == "traced":
-        jaxpr = engine.step_fn.trace(engine.trained, engine.frozen, batch).jaxpr
-        if not metrics_lib.rematerialises(jaxpr):
-            return metrics_lib.jaxpr_flops(jaxpr)
-        with remat_off():
+        def retrace() -> float:
             step = make_train_step(engine.graphdef, loss, engine.trainable, engine.frozen, engine.trained,
                                    engine.mesh, lambda step: 0.0)
             return metrics_lib.traced_flops(step, engine.trained, engine.frozen, batch)
+
+        return metrics_lib.model_flops(engine.step_fn.trace(engine.trained, engine.frozen, batch).jaxpr, retrace)
     if config.perf.flops_from != "params":
         raise ValueError(f"perf.flops_from must be 'traced' or 'params', got {config.perf.flops_from!r}")
     def count(tree: Any) -> int:
