@@ -33,7 +33,7 @@ test: install chromium
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Every benchmark in bench/, one after another, at its default (small) settings.
-BENCHMARKS := llm data train infer emocue360
+BENCHMARKS := llm data train infer infer_memory emocue360
 
 bench: install
 	@set -e; for name in $(BENCHMARKS); do \
