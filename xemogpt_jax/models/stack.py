@@ -66,7 +66,8 @@ def unstack_layers(layers: nnx.Module, count: int) -> nnx.List:
 
     Stacked, a decode loop slices every layer out before its ``while_loop`` (sliced inside, each step
     would copy them again): a second copy of the stack for as long as it runs. Here each stacked array
-    is dropped as soon as it is sliced, so the stack is never held twice.
+    is dropped as soon as it is sliced, so the stack is never held twice; ``layers`` is left holding only
+    the shapes of its arrays.
     """
     graphdef, state = nnx.split(layers)
     per_layer: list[list[tuple]] = [[] for _ in range(count)]
