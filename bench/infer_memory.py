@@ -4,7 +4,8 @@
 
 Each size is written as a trainer checkpoint (random weights, a byte-level tokenizer), then explained
 (the shared clip, greedy) by ``xemogpt-infer``, ``--repeats`` times, each in a process of its own that
-reports its peak RSS; the smallest peak counts (a process's peak varies by tens of MiB from run to run).
+reports its peak RSS; the smallest peak counts. The processes run with ``MALLOC_ARENA_MAX=2``: glibc's
+per-thread malloc arenas otherwise move a peak by up to ~90 MiB from run to run (and add about that much).
 The JAX runtime, the tokenizer and the compiled programs are about the same in both, and are most of the
 tiny peak; so (small peak - tiny peak) / (small weights - tiny weights) is what loading and decoding hold
 per byte of weights: 1.0 would be the weights alone. Numbers, not assertions: nothing here is a test.
@@ -13,6 +14,7 @@ per byte of weights: 1.0 would be the weights alone. Numbers, not assertions: no
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -59,7 +61,8 @@ def peak_rss(run: Path, new_tokens: int) -> int:
     argv = ["--checkpoint", str(run), "--video", str(MEDIA / "sample_00000007.mp4"),
             "--audio", str(MEDIA / "sample_00000007.wav"), "--subtitle", "Be there or be square.",
             "--greedy", "--max-new-tokens", str(new_tokens), "--no-progress"]
-    out = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True,
+                         env={**os.environ, "MALLOC_ARENA_MAX": "2"})
     if out.returncode:
         raise RuntimeError(f"xemogpt-infer failed on {run}:\n{out.stderr[-2000:]}")
     return int(out.stdout.strip().splitlines()[-1]) * 1024
