@@ -29,7 +29,7 @@ from flax import nnx
 from bench.timing import best_seconds
 from xemogpt_jax import emocue360, loading, prompt
 from xemogpt_jax.explainer import Clip, Decoding, Explainer, read_clip
-from xemogpt_jax.generate import GenerationConfig, generate
+from xemogpt_jax.generate import GenerationConfig, generate, prepare_for_decoding
 from xemogpt_jax.models import presets, qwen3_params
 from xemogpt_jax.models.clip import CLIPVisionConfig
 from xemogpt_jax.models.hubert import HubertConfig
@@ -62,7 +62,7 @@ def bench_decode(new_tokens: int, batches: list[int], repeats: int, prompt_lengt
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
         ours, _ = loading.from_hf(qwen3_params.hf_factory(folder), folder, qwen3_params.hf_key_map)
-    ours.unstack_layers()  # the layout inference decodes with (explainer.load)
+    prepare_for_decoding(ours, jax.default_backend())  # as explainer.load does
     print(f"decode: Qwen3 hidden 512 x 8 layers, vocab 4096, prompt {prompt_length} embeddings, "
           f"{new_tokens} new tokens")
     print(f"{'mode':<14}{'batch':>6}{'ours tok/s':>13}{'HF tok/s':>11}{'ratio':>8}")
@@ -127,7 +127,7 @@ def bench_explanations(new_tokens: int, clips: int, repeats: int) -> None:
     )
     model = XEmoGPT(config, rngs=nnx.Rngs(0))
     load_into(model, reference)
-    model.llm.unstack_layers()  # as explainer.load does
+    prepare_for_decoding(model.llm, jax.default_backend())  # as explainer.load does
     explainer = Explainer(model, tokenizer, buckets=BUCKETS)
     clip = read_clip("bench", MEDIA / "sample_00000007.mp4", None, "I can't believe you did that.",
                      frame_size=config.vision.image_size)

@@ -364,3 +364,38 @@ def test_no_attention_score_buffer_survives_in_the_splash_step():
     with ``xla`` attention the same search finds them (so it can see them)."""
     assert score_buffers("splash") == set()
     assert {buffer for buffer in score_buffers("xla") if buffer.startswith("f32")}
+
+
+def test_the_tpu_compiler_slices_stacked_layers_in_place_so_decoding_keeps_them_stacked_there():
+    """``generate``'s whole program (prefill and while_loop) for one v5e chip, with the layers stacked as
+    ``prepare_for_decoding`` leaves them on a TPU: the slices it takes before the loop hold no copy of the layers
+    (temporaries under half their bytes), where XLA's CPU plan holds all of them again (tests/test_generate.py,
+    which is why the CPU rule unstacks)."""
+    from flax import nnx
+
+    from xemogpt_jax import generate, sharding
+    from xemogpt_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+
+    mesh = sharding.make_mesh((1, 1, 1), devices=aot_check.target_devices(aot_check.parse_target("tpu:v5e:2x2"))[:1])
+    config = Qwen3Config(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
+                         rope_theta=1e6, max_position_embeddings=512, tie_word_embeddings=True)
+
+    def build() -> Qwen3ForCausalLM:
+        model = Qwen3ForCausalLM(config, rngs=nnx.Rngs(0))
+        generate.prepare_for_decoding(model, "tpu")
+        return model
+
+    model = nnx.eval_shape(build)
+    assert not isinstance(model.layers, nnx.List)
+    whole = NamedSharding(mesh, P())
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=whole), state)
+    prompt = jax.ShapeDtypeStruct((2, 64, 256), jnp.float32, sharding=whole)
+    mask = jax.ShapeDtypeStruct((2, 64), jnp.int32, sharding=whole)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=whole)
+    decoding = generate.GenerationConfig(max_new_tokens=8, eos_token_id=(1,), pad_token_id=0)
+    with jax.set_mesh(mesh):
+        compiled = generate._generate_jit.lower(graphdef, state, None, prompt, mask, key, decoding, None).compile()
+    layer_bytes = sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(nnx.state(model.layers)))
+    assert compiled.memory_analysis().temp_size_in_bytes < layer_bytes / 2

@@ -130,7 +130,7 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy(tiny):
 
 
 def test_unstacked_layers_decode_alike_and_the_loop_holds_no_second_copy_of_them(tmp_path):
-    """Decoding's layout (``unstack_layers``, what ``explainer.load`` gives) against transformers, and XLA's
+    """Decoding's CPU layout (``unstack_layers``, what ``explainer.load`` gives there) against transformers, and XLA's
     memory plan of the decode program: stacked, it holds every layer's weights a second time (the slices taken
     before the loop); unstacked, not."""
     hf_model = save_tiny_hf("qwen3", tmp_path, seed=3)

@@ -59,7 +59,7 @@ def build_programs(config: Any, mesh: Any, batch_size: int, seq_len: int | None,
 
     def build() -> Any:
         built = task.build_model(nnx.Rngs(config.seed))
-        built.llm.unstack_layers()  # the layout explainer.load decodes with
+        generate.prepare_for_decoding(built.llm, mesh.devices.flat[0].platform)  # as explainer.load does
         return built
 
     model = nnx.eval_shape(build)

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from data_pipelines import media, schema
 from xemogpt_jax import loading, losses, prompt, run_config, sharding
-from xemogpt_jax.generate import GenerationConfig, OnStep, Step, generate
+from xemogpt_jax.generate import GenerationConfig, OnStep, Step, generate, prepare_for_decoding
 from xemogpt_jax.models import lora as lora_lib
 from xemogpt_jax.models import qwen3_params
 from xemogpt_jax.models.xemogpt import XEmoGPT, XEmoGPTConfig
@@ -402,6 +402,6 @@ def load(
     mesh = mesh or sharding.make_mesh((1, -1, 1), devices=jax.local_devices())
     model = loading.load_xemogpt(found, run_config.xemogpt_config(run, text_tokenizer), mesh)
     lora_lib.merge_lora(model)
-    model.llm.unstack_layers()
+    prepare_for_decoding(model.llm, mesh.devices.flat[0].platform)
     buckets = run.get("data", {}).get("length_buckets", prompt.DEFAULT_BUCKETS)
     return Explainer(model, text_tokenizer, buckets=buckets)

@@ -130,6 +130,19 @@ def generate(
             del _listeners[listener]
 
 
+# Platforms whose compiler copies the layers a decode loop slices out of the stacks before its while_loop, and
+# holds the copies beside the weights (XLA's CPU plan: exactly the layers' bytes more). The TPU compiler slices
+# them in place, and unstacked layers cost it relayout copies instead (docs/tpu.md). GPU: not yet measured.
+UNSTACKED_DECODING_PLATFORMS = ("cpu",)
+
+
+def prepare_for_decoding(model: Qwen3ForCausalLM, platform: str) -> None:
+    """Unstack ``model``'s layers (:meth:`Qwen3ForCausalLM.unstack_layers`) where that saves a copy of them while
+    decoding on ``platform``; elsewhere the stacks stay."""
+    if platform in UNSTACKED_DECODING_PLATFORMS:
+        model.unstack_layers()
+
+
 def _deliver(listener, index, tokens, logprobs, top_ids, top_logprobs) -> None:
     with _listeners_lock:
         on_step = _listeners[int(listener)]
