@@ -132,7 +132,7 @@ def generate(
 
 # Platforms whose compiler copies the layers a decode loop slices out of the stacks before its while_loop, and
 # holds the copies beside the weights (XLA's CPU plan: exactly the layers' bytes more). The TPU compiler slices
-# them in place, and unstacked layers cost it relayout copies instead (docs/tpu.md). GPU: not yet measured.
+# them in place, and unstacked layers cost it more temporaries instead (docs/tpu.md). GPU: not yet measured.
 UNSTACKED_DECODING_PLATFORMS = ("cpu",)
 
 
