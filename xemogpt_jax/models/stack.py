@@ -65,8 +65,9 @@ def unstack_layers(layers: nnx.Module, count: int) -> nnx.List:
     """A stack's layers as modules with arrays of their own, for a decode loop.
 
     Stacked, a decode loop slices every layer out before its ``while_loop`` (sliced inside, each step
-    would copy them again): a second copy of the stack for as long as it runs. Here each stacked array
-    is dropped as soon as it is sliced, so the stack is never held twice; ``layers`` is left holding only
+    would copy them again), and XLA's CPU backend holds those slices beside the stack for as long as the
+    loop runs (``generate.prepare_for_decoding`` says where this is used). Here each stacked array is
+    dropped as soon as it is sliced, so the stack is never held twice; ``layers`` is left holding only
     the shapes of its arrays.
     """
     graphdef, state = nnx.split(layers)
