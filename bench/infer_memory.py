@@ -25,9 +25,9 @@ from flax import nnx
 
 from bench.train import widen
 from configs import sft
-from xemogpt_jax import checkpoint, run_config
-from xemogpt_jax.models.xemogpt import XEmoGPT
+from xemogpt_jax import run_config
 from xemogpt_jax.testing.byte_tokenizer import byte_tokenizer
+from xemogpt_jax.testing.run_checkpoint import build_model, write_checkpoint
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared/media"
 MIB = 2**20
@@ -48,12 +48,9 @@ def write_run(folder: Path, size: str) -> int:
     run_config.set_architecture(config, "llm", vocab_size=len(tokenizer))
     config.data.max_audio_seconds = 2.0
     config.data.length_buckets = (512, 1024)
-    stored = checkpoint.to_json(config)
-    params = nnx.to_pure_dict(nnx.state(XEmoGPT(run_config.xemogpt_config(stored), rngs=nnx.Rngs(0)), nnx.Param))
-    saver = checkpoint.Checkpointer(folder / "checkpoints", every_steps=1, keep=1, keep_best=False, async_save=False)
-    saver.save(1, {"model": params}, "{}", stored, force=True)
-    saver.close()
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    model = build_model(config)
+    write_checkpoint(folder, model, config)
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def peak_rss(run: Path, new_tokens: int) -> int:

@@ -1,7 +1,6 @@
-"""Tiny XEmoGPT checkpoints on disk for the inference, serving and benchmark code.
+"""Tiny XEmoGPT runs for the inference and serving tests (written by :mod:`xemogpt_jax.testing.run_checkpoint`).
 
-``write_checkpoint`` saves a model the way the trainer does (Orbax ``state`` with a ``model``
-subtree, plus the run config) with a byte-level tokenizer folder beside it. ``script_reply``
+``tiny_run_config`` and ``save_tokenizer`` give the run a byte-level tokenizer folder. ``script_reply``
 turns a random model into one whose greedy/beam output is known in advance: every attention and
 MLP output is zeroed, so the last position's hidden state is its own token embedding, and the
 (untied) LM head maps every ordinary embedding to one reply token and that token's embedding to
@@ -15,13 +14,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from configs import sft
-from xemogpt_jax import checkpoint as checkpoint_lib
 from xemogpt_jax import run_config
 from xemogpt_jax.models.xemogpt import XEmoGPT
-from xemogpt_jax.run_config import xemogpt_config
 from xemogpt_jax.testing.byte_tokenizer import byte_tokenizer
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared/media"
@@ -52,20 +48,6 @@ def save_tokenizer(out: Path, extra_tokens: list[str] = ()) -> object:
         tokenizer.add_tokens(list(extra_tokens))
     tokenizer.save_pretrained(out)
     return tokenizer
-
-
-def build_model(config: ml_collections.ConfigDict) -> XEmoGPT:
-    return XEmoGPT(xemogpt_config(checkpoint_lib.to_json(config)), rngs=nnx.Rngs(config.seed))
-
-
-def write_checkpoint(workdir: Path, model: XEmoGPT, config: ml_collections.ConfigDict) -> Path:
-    """Every parameter under ``state/model`` at step 1, as the trainer's Checkpointer writes it."""
-    saver = checkpoint_lib.Checkpointer(workdir / "checkpoints", every_steps=1, keep=1, keep_best=False,
-                                        async_save=False)
-    saver.save(1, {"model": nnx.to_pure_dict(nnx.state(model, nnx.Param))}, "{}",
-               checkpoint_lib.to_json(config), force=True)
-    saver.close()
-    return workdir
 
 
 def script_reply(model: XEmoGPT, reply_id: int, eos_id: int, scale: float = 40.0) -> None:

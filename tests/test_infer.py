@@ -15,20 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from infer_fixtures import (
-    build_model,
-    save_tokenizer,
-    script_reply,
-    shared_clip,
-    tiny_run_config,
-    write_checkpoint,
-)
+from infer_fixtures import save_tokenizer, script_reply, shared_clip, tiny_run_config
 
 from data_pipelines import build as build_lib
 from xemogpt_jax import explainer as explainer_lib
 from xemogpt_jax import infer
 from xemogpt_jax.preprocessing import audio as audio_pre
 from xemogpt_jax.preprocessing import image as image_pre
+from xemogpt_jax.testing.run_checkpoint import build_model, write_checkpoint
 
 REPLY = '{"visual": ["He frowns."], "auditory": ["His voice is tense."], "emotional": ["He is angry."]}'
 NEW_TOKENS = 5

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from infer_fixtures import save_tokenizer, shared_clip, tiny_run_config, write_checkpoint
+from infer_fixtures import save_tokenizer, shared_clip, tiny_run_config
 from xemogpt_fixtures import build_filled
 
 from xemogpt_jax import checkpoint as checkpoint_lib
@@ -24,6 +24,7 @@ from xemogpt_jax.models.xemogpt import XEmoGPT
 from xemogpt_jax.preprocessing import audio as audio_pre
 from xemogpt_jax.preprocessing import image as image_pre
 from xemogpt_jax.run_config import xemogpt_config
+from xemogpt_jax.testing.run_checkpoint import write_checkpoint
 from xemogpt_jax.testing.torch_reference import TorchXEmoGPT, load_into, randomize
 
 INSTRUCTION = "What does the speaker feel, and why?"

@@ -29,12 +29,13 @@ import numpy as np
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from infer_fixtures import build_model, save_tokenizer, script_reply, shared_clip, tiny_run_config, write_checkpoint
+from infer_fixtures import save_tokenizer, script_reply, shared_clip, tiny_run_config
 
 from xemogpt_jax import infer, serve
 from xemogpt_jax.explainer import Decoding
 from xemogpt_jax.serving.app import ServingState, Settings, build_app
 from xemogpt_jax.serving.metrics import Metrics
+from xemogpt_jax.testing.run_checkpoint import build_model, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
